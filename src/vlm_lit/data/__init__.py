@@ -1,0 +1,1 @@
+"""Data: response-only tokenization, safe WebDataset shards, the DataModule, converters."""
