@@ -86,7 +86,19 @@ def _build_contractions() -> dict[str, str]:
     # Words whose apostrophe-less form is itself an ordinary English word are not rewritten:
     # "its", "shed", "shell", "well", "were", "wed", "ill", "hell", "id", "lets" and "whore"
     # stay as written, because rewriting them would corrupt correct answers.
-    for ordinary in ("its", "shed", "shell", "well", "were", "wed", "ill", "hell", "id", "lets", "whore"):
+    for ordinary in (
+        "its",
+        "shed",
+        "shell",
+        "well",
+        "were",
+        "wed",
+        "ill",
+        "hell",
+        "id",
+        "lets",
+        "whore",
+    ):
         table.pop(ordinary, None)
     return table
 

@@ -62,7 +62,7 @@ class VQAAccuracy(Metric):
     def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
         """Add one batch: ``predictions[i]`` is scored against ``references[i]``."""
         check_batch(predictions, references, "VQAAccuracy", "reference lists")
-        batch = sum(vqa_score(p, r) for p, r in zip(predictions, references))
+        batch = sum(vqa_score(p, r) for p, r in zip(predictions, references, strict=True))
         self.score_sum += batch
         self.count += len(predictions)
 
