@@ -1,0 +1,1 @@
+"""Connectors that carry vision features into the language model."""
