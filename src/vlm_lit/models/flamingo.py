@@ -16,6 +16,11 @@ from vlm_lit.models.connectors.xattn import (
     attach_cross_attention,
     find_decoder_layers,
 )
+from vlm_lit.models.packed_attention import (
+    packed_lm_kwargs,
+    packed_position_ids,
+    segment_starts,
+)
 
 
 def _cache_kwarg(lm: nn.Module) -> str:
@@ -29,6 +34,23 @@ class FlamingoState(NamedTuple):
 
     media: torch.Tensor  # (B, M, L, D) resampled latents per sample, zero-padded slots
     last_media: torch.Tensor  # (B,) slot of each sample's last image, -1 for none
+
+
+def segment_media(
+    is_image: torch.Tensor, segment_ids: torch.Tensor, token_media: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Restrict each token's images to its own packed segment.
+
+    ``is_image`` / ``segment_ids`` / ``token_media`` (B, T) (row-wise image slots as in
+    :meth:`FlamingoModel.forward`) -> ``token_media`` with -1 where the latest image belongs
+    to an earlier segment, and ``media_start`` (B, T): the first slot of each token's segment
+    (the lower bound when a token may see all earlier images of its sample).
+    """
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    start_index = torch.where(segment_starts(segment_ids), index, 0).cummax(dim=1).values
+    before = is_image.long().cumsum(1) - is_image.long()  # (B, T) images strictly before t
+    media_start = before.gather(1, start_index)  # (B, T) slots of earlier segments
+    return torch.where(token_media >= media_start, token_media, -1), media_start
 
 
 class FlamingoModel(BaseVLM):
@@ -160,13 +182,21 @@ class FlamingoModel(BaseVLM):
         past_key_values: Any = None,
         state: Any = None,
         use_cache: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """See :class:`BaseVLM`. Returns ``state`` = :class:`FlamingoState` for decoding.
 
         Incremental steps (``state`` given) let every new token see its sample's last image;
         an ``<image>`` token generated there does not start a new image (no pixels exist).
+        Packed rows (``segment_ids`` (B, T), 1..n per sample, 0 = padding; ``position_ids``
+        restarting at 0 per segment, derived when None): self-attention stays within a
+        segment and a token only sees images of its own segment.
         """
         b, t = input_ids.shape
+        if segment_ids is not None and (state is not None or past_key_values is not None):
+            raise ValueError("packed rows (segment_ids) are for training; decoding takes none")
+        media_start = None
         if state is None:
             media, counts = self._encode_media(pixel_values, image_sample_index, b)
             is_image = input_ids == self.image_token_id  # (B, T)
@@ -179,6 +209,8 @@ class FlamingoModel(BaseVLM):
                 )
             token_media = is_image.long().cumsum(1) - 1  # (B, T), -1 before the first image
             last_media = token_media[:, -1]  # (B,)
+            if segment_ids is not None:
+                token_media, media_start = segment_media(is_image, segment_ids, token_media)
         else:
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 raise ValueError(
@@ -187,20 +219,26 @@ class FlamingoModel(BaseVLM):
                 )
             media, last_media = state
             token_media = last_media[:, None].expand(b, t)  # (B, T)
-        # Positions follow the real tokens; with a cache the mask also covers the past.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+        if segment_ids is not None:
+            if position_ids is None:
+                position_ids = packed_position_ids(segment_ids)
+            dtype = self.language_model.get_input_embeddings().weight.dtype
+            lm_kwargs = packed_lm_kwargs(self.language_model, segment_ids, position_ids, dtype)
+        else:
+            # Positions follow the real tokens; with a cache the mask also covers the past.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+            lm_kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
         # Kept after a training forward with gradients: activation checkpointing that wraps a
         # layer's __call__ (e.g. FSDP's checkpoint wrapper) re-runs our pre-hooks during
         # backward and needs the same context; the next forward replaces it. Otherwise nothing
         # re-runs, so the context is dropped and the bare LM is usable right away.
         cache_kwarg = _cache_kwarg(self.language_model)
-        self._context.set(media, token_media.to(input_ids.device))
+        self._context.set(media, token_media.to(input_ids.device), media_start)
         try:
             out = self.language_model(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
                 use_cache=use_cache,
+                **lm_kwargs,
                 **{cache_kwarg: past_key_values},
             )
         finally:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlm_lit.models.base import IGNORE_INDEX, BaseVLM, VLMOutput
+from vlm_lit.models.packed_attention import packed_lm_kwargs, packed_position_ids
 
 
 def _cache_kwarg(lm: nn.Module) -> str:
@@ -64,6 +65,39 @@ class PrefixVLM(BaseVLM):
                     f"placeholders per sample are {per_row.tolist()}"
                 )
 
+    @staticmethod
+    def _layout(
+        is_image: torch.Tensor, attention_mask: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, int]:
+        """First new position of every token (B, T) and the spliced length T'."""
+        widths = 1 + (k - 1) * is_image.long()  # (B, T) positions each token occupies
+        ends = widths.cumsum(dim=1)  # (B, T)
+        row_len = ends[:, -1]  # (B,)
+        new_len = int(row_len.max())
+        # Rows ending in a real token are right-aligned (left padding / unpadded rows).
+        shift = torch.where(attention_mask[:, -1].bool(), new_len - row_len, 0)  # (B,)
+        return ends - widths + shift[:, None], new_len
+
+    def expand_segments(
+        self, segment_ids: torch.Tensor, is_image: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Packed rows: the segment id of every spliced position, same layout as :meth:`splice`.
+
+        segment_ids (B, T) (0 = padding) -> (B, T'); an image's K visual tokens take the
+        segment of its placeholder, so cumulative lengths and positions are counted after
+        expansion.
+        """
+        k = self.tokens_per_image
+        starts, new_len = self._layout(is_image, attention_mask, k)
+        out = segment_ids.new_zeros(segment_ids.shape[0], new_len)  # (B, T')
+        text_b, text_t = (~is_image).nonzero(as_tuple=True)
+        out[text_b, starts[text_b, text_t]] = segment_ids[text_b, text_t]
+        img_b, img_t = is_image.nonzero(as_tuple=True)
+        if len(img_b):
+            img_pos = starts[img_b, img_t][:, None] + torch.arange(k, device=out.device)  # (N, K)
+            out[img_b[:, None].expand_as(img_pos), img_pos] = segment_ids[img_b, img_t][:, None]
+        return out
+
     def splice(
         self,
         token_embeds: torch.Tensor,
@@ -80,13 +114,7 @@ class PrefixVLM(BaseVLM):
         """
         bsz, _, dim = token_embeds.shape
         k = visual.shape[1] if visual.numel() else self.tokens_per_image
-        widths = 1 + (k - 1) * is_image.long()  # (B, T) positions each token occupies
-        ends = widths.cumsum(dim=1)  # (B, T)
-        row_len = ends[:, -1]  # (B,)
-        new_len = int(row_len.max())
-        # Rows ending in a real token are right-aligned (left padding / unpadded rows).
-        shift = torch.where(attention_mask[:, -1].bool(), new_len - row_len, 0)  # (B,)
-        starts = ends - widths + shift[:, None]  # (B, T) first new position of each token
+        starts, new_len = self._layout(is_image, attention_mask, k)
 
         device = token_embeds.device
         embeds = token_embeds.new_zeros(bsz, new_len, dim)  # (B, T', D)
@@ -118,8 +146,19 @@ class PrefixVLM(BaseVLM):
         past_key_values: Any = None,
         state: Any = None,
         use_cache: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """See :class:`BaseVLM`. Incremental steps pass the previous output's mask + 1s."""
+        """See :class:`BaseVLM`. Incremental steps pass the previous output's mask + 1s.
+
+        Packed rows (``segment_ids`` (B, T), 1..n per sample, 0 = padding): the segments are
+        expanded with the placeholders and the positions re-derived from them (restarting at 0
+        per segment after expansion; the given ``position_ids``, the collate's per-segment
+        positions before expansion, are therefore not needed), so every sample attends only
+        within itself.
+        """
+        if segment_ids is not None and past_key_values is not None:
+            raise ValueError("packed rows (segment_ids) are for training; decoding takes none")
         token_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         if past_key_values is None:
             if attention_mask.shape != input_ids.shape:
@@ -143,14 +182,20 @@ class PrefixVLM(BaseVLM):
             if pixel_values is not None and pixel_values.shape[0]:
                 raise ValueError("incremental decoding (past_key_values given) takes no images")
             inputs_embeds, mask = token_embeds, attention_mask  # mask: cache + new tokens
-        # Positions from the mask: padding (left or right) does not shift real tokens.
-        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        position_ids = position_ids[:, -inputs_embeds.shape[1] :]  # (B, T_new)
+        if segment_ids is not None:
+            segments = self.expand_segments(segment_ids, is_image, attention_mask)  # (B, T')
+            lm_kwargs = packed_lm_kwargs(
+                self.language_model, segments, packed_position_ids(segments), inputs_embeds.dtype
+            )
+        else:
+            # Positions from the mask: padding (left or right) does not shift real tokens.
+            position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            position_ids = position_ids[:, -inputs_embeds.shape[1] :]  # (B, T_new)
+            lm_kwargs = {"attention_mask": mask, "position_ids": position_ids}
         out = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
             use_cache=use_cache,
+            **lm_kwargs,
             **{_cache_kwarg(self.language_model): past_key_values},
         )
         cache = out.get("cache", out.get("past_key_values")) if use_cache else None

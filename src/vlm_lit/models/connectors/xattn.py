@@ -87,13 +87,19 @@ class GatedCrossAttentionBlock(nn.Module):
         return update if alpha is None else torch.tanh(alpha).to(update.dtype) * update
 
     def forward(
-        self, hidden: torch.Tensor, media: torch.Tensor, token_media: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        media: torch.Tensor,
+        token_media: torch.Tensor,
+        media_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``hidden`` (B, T, D), ``media`` (B, M, L, D_v), ``token_media`` (B, T) -> (B, T, D).
 
-        ``token_media[b, t]`` is the slot (0..M-1, order of appearance in sample b) of the most
-        recent image token t has seen, -1 if none. ``media`` slots past a sample's image count
-        are padding and never attended.
+        ``token_media[b, t]`` is the slot (0..M-1, order of appearance in row b) of the most
+        recent image token t has seen, -1 if none. ``media`` slots past a row's image count
+        are padding and never attended. ``media_start`` (B, T), for packed rows: the first
+        slot of token t's own sample; slots before it belong to other samples and are never
+        attended (``token_media`` is already -1 when the latest image is another sample's).
         """
         b, m, length, _ = media.shape
         param_dtype = self.attn.norm.weight.dtype  # norms are never LoRA-wrapped
@@ -102,6 +108,8 @@ class GatedCrossAttentionBlock(nn.Module):
         key_slot = torch.arange(m, device=media.device).repeat_interleave(length)  # (M*L,)
         seen = token_media.unsqueeze(-1)  # (B, T, 1)
         allowed = key_slot == seen if self.only_attend_immediate_media else key_slot <= seen
+        if media_start is not None:
+            allowed = allowed & (key_slot >= media_start.unsqueeze(-1))  # own sample only
         # Rows with no visible image may attend anywhere: the softmax stays finite, and the
         # result is replaced by an exact zero below (no -inf row, no 0 * NaN).
         allowed = allowed | ~has_media  # (B, T, M*L)
@@ -118,22 +126,28 @@ class GatedCrossAttentionBlock(nn.Module):
 class VisualContext:
     """Per-forward visual inputs shared by all cross-attention hooks of one Flamingo model.
 
-    ``media`` (B, M, L, D) and ``token_media`` (B, T) are set by ``FlamingoModel.forward``.
-    While they are set, every hooked decoder layer applies its block; when unset the LM
-    runs as the plain LM.
+    ``media`` (B, M, L, D), ``token_media`` (B, T) and, for packed rows, ``media_start``
+    (B, T) are set by ``FlamingoModel.forward``. While they are set, every hooked decoder
+    layer applies its block; when unset the LM runs as the plain LM.
     """
 
     def __init__(self) -> None:
         self.media: torch.Tensor | None = None
         self.token_media: torch.Tensor | None = None
+        self.media_start: torch.Tensor | None = None
 
-    def set(self, media: torch.Tensor, token_media: torch.Tensor) -> None:
+    def set(
+        self,
+        media: torch.Tensor,
+        token_media: torch.Tensor,
+        media_start: torch.Tensor | None = None,
+    ) -> None:
         """Install the visual inputs of the coming LM call."""
-        self.media, self.token_media = media, token_media
+        self.media, self.token_media, self.media_start = media, token_media, media_start
 
     def clear(self) -> None:
         """Drop the visual inputs: hooked layers become the plain LM again."""
-        self.media, self.token_media = None, None
+        self.media, self.token_media, self.media_start = None, None, None
 
 
 class CrossAttentionHook:
@@ -167,7 +181,7 @@ class CrossAttentionHook:
                 f"{tuple(hidden.shape[:2])} but the context was set for {tuple(ctx.token_media.shape)}. "
                 "Call FlamingoModel.clear_visual_context() before using the language model alone."
             )
-        new_hidden = self.block(hidden, ctx.media, ctx.token_media)
+        new_hidden = self.block(hidden, ctx.media, ctx.token_media, ctx.media_start)
         if positional:
             return (new_hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": new_hidden}
