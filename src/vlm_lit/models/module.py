@@ -76,6 +76,9 @@ class VLMModule(L.LightningModule):
             (tiny / config-only) always use ``BACKBONE_SEED``, like fixed pretrained weights.
         attn_implementation: the LM's attention kernel (``sdpa``, ``eager``, ...).
         trust_remote_code: allow custom modelling code from the LM directory (off by default).
+        init_from: a previous stage's ``save_pretrained`` directory (same family and backbones)
+            whose trained tensors (connector, new token rows, trained LM weights) initialise this
+            model: the two-stage recipe, align then finetune.
     """
 
     family: ClassVar[str] = ""
@@ -106,6 +109,7 @@ class VLMModule(L.LightningModule):
         seed: int = 0,
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         get_preset(freeze)  # fail fast, before any weight is loaded
@@ -144,6 +148,10 @@ class VLMModule(L.LightningModule):
                 lora_on_xattn=lora_on_xattn,
             )
         self.new_token_ids = list(parts.new_token_ids)
+        if init_from is not None:
+            from vlm_lit.models.serialization import init_from_pretrained
+
+            init_from_pretrained(self, init_from)
         if gradient_checkpointing:
             # Non-reentrant, with input grads: reentrant checkpoints over a frozen embedding
             # silently give LoRA / the connector no gradient (PITFALLS: LoRA / peft).
@@ -296,6 +304,16 @@ class VLMModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def setup(self, stage: str) -> None:
+        """Hand the tokenizer and image preprocessing to an attached DataModule that has none
+        yet, so the DataModule never needs to know the connector."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            if getattr(datamodule, "tokenizer", None) is None:
+                tower = self.model.vision
+                datamodule.connect(self.tokenizer, image_size=tower.image_size,
+                                   image_mean=tower.image_mean, image_std=tower.image_std)
 
     def on_fit_start(self) -> None:
         """Re-arm new-row gradient masks; print and log parameter counts per component."""

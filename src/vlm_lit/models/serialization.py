@@ -62,7 +62,8 @@ def save_pretrained(module: VLMModule, directory: str | Path) -> Path:
         "format": FORMAT,
         "family": module.family,
         "class": type(module).__name__,
-        "hparams": _jsonable(dict(module.hparams)),
+        # LightningCLI adds private keys (``_instantiator``) that are not constructor args
+        "hparams": _jsonable({k: v for k, v in module.hparams.items() if not k.startswith("_")}),
     }
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(trained_state_dict(module), str(path / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -137,9 +138,39 @@ def from_pretrained(directory: str | Path, **overrides: Any) -> VLMModule:
             f"{config_file}: not a vlm_lit export or unknown family {config.get('family')!r}; "
             f"valid families: {sorted(CONNECTORS)}"
         )
-    hparams = {**config["hparams"], **overrides}
+    # The saved tensors already hold what init_from loaded: do not require that dir again.
+    hparams = {**config["hparams"], "init_from": None, **overrides}
     if isinstance(hparams.get("betas"), list):
         hparams["betas"] = tuple(hparams["betas"])
     module = CONNECTORS[config["family"]](**hparams)
     load_trained_weights(module, path)
     return module
+
+
+def init_from_pretrained(module: VLMModule, directory: str | Path) -> None:
+    """Initialise ``module`` from a previous stage's ``save_pretrained`` output, in place.
+
+    The directory must come from the same family with the same backbones (vision and LM
+    specs); the freezing preset may differ (align -> full / lora is the usual path).
+    """
+    path = Path(directory)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"--model.init_from {directory}: no {CONFIG_NAME}; pass a directory written by "
+            "save_pretrained (a run's DIR/model)"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("family") != module.family:
+        raise ValueError(
+            f"--model.init_from {directory} holds a {config.get('family')!r} model; this run "
+            f"builds {module.family!r}: use --connector {config.get('family')}"
+        )
+    saved = config.get("hparams", {})
+    for key in ("vision", "language_model", "connector_kwargs", "size"):
+        if _jsonable(saved.get(key)) != _jsonable(module.hparams.get(key)):
+            raise ValueError(
+                f"--model.init_from {directory}: its {key} spec {saved.get(key)!r} differs "
+                f"from this run's {module.hparams.get(key)!r}; stages must share backbones"
+            )
+    load_trained_weights(module, path)

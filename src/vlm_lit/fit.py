@@ -1,0 +1,201 @@
+"""``python -m vlm_lit.fit``: train one VLM family from the command line (LightningCLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vlm_lit.data.datamodule import VLMDataModule
+from vlm_lit.eval.callback import GenerationEvalCallback
+from vlm_lit.models.freezing import FREEZE_PRESETS
+from vlm_lit.models.registry import CONNECTORS
+
+#: Used when neither ``--config`` nor ``--data.train`` is given: the shapes-world recipe.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shapes_default.yaml"
+
+
+class FitCLI(LightningCLI):
+    """LightningCLI plus the short flags, the embedded world and the end-of-run files."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Parsed (again) here only so that --help, --print_config and the saved config show
+        # them; main() has already used them to pick the model class and override values.
+        parser.add_argument(
+            "--connector",
+            default="mlp",
+            choices=sorted(CONNECTORS),
+            help="connector family (the model class)",
+        )
+        parser.add_argument(
+            "--freeze",
+            default=None,
+            choices=sorted(FREEZE_PRESETS),
+            help="freezing preset; shorthand for --model.freeze",
+        )
+        parser.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="run seed; shorthand for --seed_everything/--model.seed/--data.seed",
+        )
+        parser.add_argument(
+            "--world",
+            default="default",
+            choices=["default", "micro"],
+            help="size of the embedded shapes world used when no backbone or "
+            "data is given ('micro' builds in seconds, for smoke tests)",
+        )
+        parser.add_argument(
+            "--eval.num_samples",
+            type=int,
+            default=200,
+            help="validation questions answered by generation (seeded subset)",
+        )
+        parser.add_argument("--eval.max_new_tokens", type=int, default=8)
+
+    def before_instantiate_classes(self) -> None:
+        """Fill backbones and data from the shapes world when the user gave none, and resolve
+        ``shapes-world:PART`` shard specs (PART: train, align, val)."""
+        cfg = self.config
+        needs_model = (
+            cfg.model.vision is None and cfg.model.language_model is None and cfg.model.size is None
+        )
+        needs_data = cfg.data.train is None
+        refs = _mentions_world(cfg.data.train) or _mentions_world(cfg.data.val)
+        if not (needs_model or needs_data or refs):
+            return
+        from vlm_lit.world import ensure_world
+
+        world = ensure_world(profile=cfg.world, seed=0)
+        if needs_model:
+            cfg.model.vision = world.vision_spec()
+            cfg.model.language_model = world.language_model_spec()
+        if needs_data:
+            cfg.data.train = [{"name": "shapes", "shards": WORLD_PREFIX + "train"}]
+            if cfg.data.val is None:
+                cfg.data.val = [{"name": "shapes", "shards": WORLD_PREFIX + "val"}]
+        cfg.data.train = _resolve_world(cfg.data.train, world)
+        cfg.data.val = _resolve_world(cfg.data.val, world)
+
+
+WORLD_PREFIX = "shapes-world:"
+
+
+def _mentions_world(spec: Any) -> bool:
+    return WORLD_PREFIX in json.dumps(spec, default=str)
+
+
+def _resolve_world(spec: Any, world: Any) -> Any:
+    """Replace every ``shapes-world:PART`` string in a data spec by that part's shard list."""
+    if isinstance(spec, str) and spec.startswith(WORLD_PREFIX):
+        return world.shards(spec[len(WORLD_PREFIX) :])
+    if isinstance(spec, list):
+        return [_resolve_world(item, world) for item in spec]
+    if isinstance(spec, dict):
+        return {k: _resolve_world(v, world) for k, v in spec.items()}
+    return spec
+
+
+def _preparse(argv: list[str]) -> argparse.Namespace:
+    """Read --connector/--freeze/--seed (also from --config files) before the CLI exists."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--connector")
+    pre.add_argument("--freeze")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--config", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    for path in known.config:  # command-line values win over the files
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SystemExit(f"error: --config {path}: {exc.strerror}") from exc
+        for key in ("connector", "freeze", "seed"):
+            if getattr(known, key) is None and isinstance(data, dict) and key in data:
+                setattr(known, key, data[key])
+    known.connector = known.connector or "mlp"
+    if known.connector not in CONNECTORS:
+        raise SystemExit(
+            f"error: --connector {known.connector!r} is not a connector family; "
+            f"valid: {sorted(CONNECTORS)}"
+        )
+    if known.freeze is not None and known.freeze not in FREEZE_PRESETS:
+        raise SystemExit(
+            f"error: --freeze {known.freeze!r} is not a freezing preset; "
+            f"valid: {sorted(FREEZE_PRESETS)}"
+        )
+    return known
+
+
+def _overrides(known: argparse.Namespace) -> list[str]:
+    """Short flags as the long options they stand for (appended last, so they win)."""
+    extra = []
+    if known.freeze is not None:
+        extra += ["--model.freeze", known.freeze]
+    if known.seed is not None:
+        extra += [
+            "--seed_everything",
+            str(known.seed),
+            "--model.seed",
+            str(known.seed),
+            "--data.seed",
+            str(known.seed),
+        ]
+    return extra
+
+
+def write_run_outputs(run_dir: Path, metrics: dict[str, Any], config_yaml: str, model: Any) -> Path:
+    """``metrics.json`` (flat, numbers only), ``config.yaml`` (resolved) and ``model/``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = {k: float(v) for k, v in sorted(metrics.items())}
+    (run_dir / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n")
+    (run_dir / "config.yaml").write_text(config_yaml)
+    model.save_pretrained(run_dir / "model")
+    return run_dir / "metrics.json"
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse, build, train, validate; write metrics.json, the config and the final model."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = _preparse(argv)
+    embedded = not any(a == "--config" or a.startswith(("--config=", "--data.train")) for a in argv)
+    parser_kwargs: dict[str, Any] = {"description": __doc__}
+    if embedded:
+        parser_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
+    cli = FitCLI(
+        model_class=CONNECTORS[known.connector],
+        datamodule_class=VLMDataModule,
+        run=False,
+        args=argv + _overrides(known),
+        seed_everything_default=0,
+        parser_kwargs=parser_kwargs,
+        save_config_callback=None,  # written next to metrics.json instead, see below
+        trainer_defaults={"accelerator": "auto"},
+    )
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    evaluator = GenerationEvalCallback(
+        num_samples=cli.config["eval.num_samples"], max_new_tokens=cli.config["eval.max_new_tokens"]
+    )
+    trainer.callbacks.append(evaluator)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    results = trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics = {k: v for k, v in (results[0] if results else {}).items()}
+    metrics.update(evaluator.last_metrics)
+    metrics.update(train_seconds=round(train_seconds, 1), global_step=trainer.global_step)
+    if trainer.is_global_zero:
+        config_yaml = cli.parser.dump(cli.config, skip_none=False)
+        path = write_run_outputs(Path(trainer.default_root_dir), metrics, config_yaml, model)
+        print(f"metrics: {path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

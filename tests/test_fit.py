@@ -1,0 +1,177 @@
+"""The `python -m vlm_lit.fit` command line: parsing, errors, and micro end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlm_lit.fit import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT_YAMLS = sorted((ROOT / "experiments").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro shapes world built once for this module (seconds), in a private cache."""
+    import os
+
+    home = tmp_path_factory.mktemp("vlm_lit_home")
+    old = os.environ.get("VLM_LIT_HOME")
+    os.environ["VLM_LIT_HOME"] = str(home)
+    from vlm_lit.world import ensure_world
+
+    ensure_world(profile="micro")
+    yield home
+    if old is None:
+        os.environ.pop("VLM_LIT_HOME", None)
+    else:
+        os.environ["VLM_LIT_HOME"] = old
+
+
+def micro_args(tmp_path: Path, connector: str, steps: int = 2) -> list[str]:
+    return [
+        "--connector",
+        connector,
+        "--world",
+        "micro",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+        "--data.batch_size",
+        "4",
+        "--data.val_generation_subset",
+        "8",
+        "--eval.max_new_tokens",
+        "3",
+    ]
+
+
+def test_help_lists_short_flags_and_typed_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--connector",
+        "--freeze",
+        "--seed",
+        "--model.freeze",
+        "--model.lr_connector",
+        "--data.batch_size",
+        "--trainer.max_steps",
+    ):
+        assert flag in text, flag
+
+
+def test_unknown_connector_names_valid_ones() -> None:
+    with pytest.raises(
+        SystemExit, match=r"--connector 'perceiver'.*\['flamingo', 'mlp', 'qformer'\]"
+    ):
+        main(["--connector", "perceiver"])
+
+
+def test_unknown_freeze_preset_names_valid_ones() -> None:
+    with pytest.raises(SystemExit, match=r"--freeze 'everything'.*align"):
+        main(["--freeze", "everything"])
+
+
+def test_bad_flag_is_a_parse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model.lr_conector", "1e-3", "--print_config"])
+    assert exit_info.value.code != 0
+    assert "lr_conector" in capsys.readouterr().err
+
+
+def test_print_config_shows_short_flags_applied(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--connector", "qformer", "--freeze", "lora", "--seed", "7", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "connector: qformer" in out
+    assert "freeze: lora" in out
+    assert "seed_everything: 7" in out
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=[p.name for p in EXPERIMENT_YAMLS])
+def test_every_experiment_yaml_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer", "flamingo"])
+def test_micro_fit_writes_metrics_config_and_model(
+    world_home: Path, tmp_path: Path, connector: str
+) -> None:
+    metrics = main(micro_args(tmp_path, connector))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "val/loss",
+        "val/acc",
+        "val/acc_blank_image",
+        "val/acc_majority",
+        "val/pope_f1",
+        "val/pope_yes_ratio",
+        "global_step",
+    ):
+        assert key in written, key
+    assert written["global_step"] == 2
+    assert written["val/loss"] == pytest.approx(metrics["val/loss"])
+    assert (tmp_path / "config.yaml").is_file()
+    assert f"connector: {connector}" in (tmp_path / "config.yaml").read_text()
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_module_entry_point_runs_as_documented(world_home: Path, tmp_path: Path) -> None:
+    """`python -m vlm_lit.fit` (the README's form) in a subprocess, micro world."""
+    import os
+
+    env = {**os.environ, "VLM_LIT_HOME": str(world_home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlm_lit.fit", *micro_args(tmp_path, "mlp", steps=1)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_two_stage_init_from_round_trip(world_home: Path, tmp_path: Path) -> None:
+    """Stage 1 (align) writes DIR/model; stage 2 (full) starts from exactly those tensors."""
+    import torch
+
+    from vlm_lit.models import VLMModule
+
+    stage1, stage2 = tmp_path / "align", tmp_path / "finetune"
+    main([*micro_args(stage1, "mlp"), "--freeze", "align"])
+    aligned = VLMModule.from_pretrained(stage1 / "model")
+    resumed = VLMModule.from_pretrained(
+        stage1 / "model", freeze="full", seed=123, init_from=str(stage1 / "model")
+    )
+    for (name, a), (_, b) in zip(
+        aligned.connector.state_dict().items(), resumed.connector.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    main(
+        [*micro_args(stage2, "mlp"), "--freeze", "full", "--model.init_from", str(stage1 / "model")]
+    )
+    assert (stage2 / "metrics.json").is_file()
+
+
+def test_init_from_other_family_is_refused(world_home: Path, tmp_path: Path) -> None:
+    from vlm_lit.models import build_vlm
+
+    first = build_vlm("mlp", size="tiny")
+    first.save_pretrained(tmp_path / "mlp")
+    with pytest.raises(ValueError, match="--connector mlp"):
+        build_vlm("qformer", size="tiny", init_from=str(tmp_path / "mlp"))
