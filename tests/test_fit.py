@@ -175,3 +175,14 @@ def test_init_from_other_family_is_refused(world_home: Path, tmp_path: Path) -> 
     first.save_pretrained(tmp_path / "mlp")
     with pytest.raises(ValueError, match="--connector mlp"):
         build_vlm("qformer", size="tiny", init_from=str(tmp_path / "mlp"))
+
+
+def test_recipe_yaml_with_world_parts_runs(world_home: Path, tmp_path: Path) -> None:
+    """A recipe naming `shapes-world:align` / `shapes-world:val` resolves and trains."""
+    recipe = ROOT / "experiments" / "recipes" / "mlp_align.yaml"
+    main(["--config", str(recipe), "--world", "micro", "--trainer.max_steps", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+          "--data.batch_size", "4", "--data.val_generation_subset", "4",
+          "--eval.max_new_tokens", "2"])
+    config = (tmp_path / "config.yaml").read_text()
+    assert "shapes-world:" not in config and "/align/" in config

@@ -92,14 +92,22 @@ def _mentions_world(spec: Any) -> bool:
     return WORLD_PREFIX in json.dumps(spec, default=str)
 
 
-def _resolve_world(spec: Any, world: Any) -> Any:
-    """Replace every ``shapes-world:PART`` string in a data spec by that part's shard list."""
+def _resolve_world(spec: Any, world: Any, *, top: bool = True) -> Any:
+    """Replace every ``shapes-world:PART`` string in a data spec by that part's shards; a bare
+    top-level string becomes one source ``{"name": PART, "shards": [...]}``."""
     if isinstance(spec, str) and spec.startswith(WORLD_PREFIX):
-        return world.shards(spec[len(WORLD_PREFIX) :])
+        part = spec[len(WORLD_PREFIX) :]
+        shards = world.shards(part)
+        return [{"name": part, "shards": shards}] if top else shards
     if isinstance(spec, list):
-        return [_resolve_world(item, world) for item in spec]
+        out: list[Any] = []
+        for item in spec:  # a world part listed among sources becomes a source of its own
+            resolved = _resolve_world(item, world, top=top)
+            is_part = isinstance(item, str) and item.startswith(WORLD_PREFIX)
+            out.extend(resolved) if is_part and top else out.append(resolved)
+        return out
     if isinstance(spec, dict):
-        return {k: _resolve_world(v, world) for k, v in spec.items()}
+        return {k: _resolve_world(v, world, top=False) for k, v in spec.items()}
     return spec
 
 
