@@ -12,25 +12,17 @@ import pytest
 from vlm_lit.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT_YAMLS = sorted((ROOT / "experiments").rglob("*.yaml"))
+# fit configs only: experiments/grids/ holds ablation grids (parsed by tests/test_ablate.py)
+EXPERIMENT_YAMLS = sorted(
+    p for p in (ROOT / "experiments").rglob("*.yaml")
+    if "grids" not in p.relative_to(ROOT / "experiments").parts
+)
 
 
-@pytest.fixture(scope="module")
-def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A micro shapes world built once for this module (seconds), in a private cache."""
-    import os
-
-    home = tmp_path_factory.mktemp("vlm_lit_home")
-    old = os.environ.get("VLM_LIT_HOME")
-    os.environ["VLM_LIT_HOME"] = str(home)
-    from vlm_lit.world import ensure_world
-
-    ensure_world(profile="micro")
-    yield home
-    if old is None:
-        os.environ.pop("VLM_LIT_HOME", None)
-    else:
-        os.environ["VLM_LIT_HOME"] = old
+@pytest.fixture()
+def world_home(micro_world_home: Path) -> Path:
+    """The session's micro shapes world (see conftest.py)."""
+    return micro_world_home
 
 
 def micro_args(tmp_path: Path, connector: str, steps: int = 2) -> list[str]:
