@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -148,20 +147,10 @@ def test_default_base_is_the_fit_default() -> None:
     assert DEFAULT_CONFIG == FIT_DEFAULT.resolve() and DEFAULT_CONFIG.is_file()
 
 
-@pytest.fixture(scope="module")
-def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A micro shapes world built once for this module (seconds), in a private cache."""
-    home = tmp_path_factory.mktemp("vlm_lit_home")
-    old = os.environ.get("VLM_LIT_HOME")
-    os.environ["VLM_LIT_HOME"] = str(home)
-    from vlm_lit.world import ensure_world
-
-    ensure_world(profile="micro")
-    yield home
-    if old is None:
-        os.environ.pop("VLM_LIT_HOME", None)
-    else:
-        os.environ["VLM_LIT_HOME"] = old
+@pytest.fixture()
+def world_home(micro_world_home: Path) -> Path:
+    """The session's micro shapes world (built once, see conftest.py)."""
+    return micro_world_home
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -45,20 +44,10 @@ def kernel_specs(tmp_path_factory: pytest.TempPathFactory) -> KernelSpecManager:
     return manager
 
 
-@pytest.fixture(scope="module")
-def world_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A micro shapes world built once for this module, in a private cache."""
-    home = tmp_path_factory.mktemp("vlm_lit_home")
-    old = os.environ.get("VLM_LIT_HOME")
-    os.environ["VLM_LIT_HOME"] = str(home)
-    from vlm_lit.world import ensure_world
-
-    ensure_world(profile="micro")
-    yield home
-    if old is None:
-        os.environ.pop("VLM_LIT_HOME", None)
-    else:
-        os.environ["VLM_LIT_HOME"] = old
+@pytest.fixture()
+def world_home(micro_world_home: Path) -> Path:
+    """The session's micro shapes world (built once, see conftest.py)."""
+    return micro_world_home
 
 
 def execute(path: Path, workdir: Path, specs: KernelSpecManager) -> nbformat.NotebookNode:
