@@ -16,6 +16,13 @@ from vlm_lit.data.datamodule import VLMDataModule
 from vlm_lit.eval.callback import GenerationEvalCallback
 from vlm_lit.models.freezing import FREEZE_PRESETS
 from vlm_lit.models.registry import CONNECTORS
+from vlm_lit.reliability import (
+    DataCountersLogger,
+    NonFiniteGuard,
+    RNGStateCallback,
+    check_backbone_paths,
+    use_atomic_checkpoints,
+)
 
 #: Used when neither ``--config`` nor ``--data.train`` is given: the shapes-world recipe.
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shapes_default.yaml"
@@ -59,11 +66,27 @@ class FitCLI(LightningCLI):
             help="validation questions answered by generation (seeded subset)",
         )
         parser.add_argument("--eval.max_new_tokens", type=int, default=8)
+        parser.add_argument(
+            "--nonfinite_loss",
+            default="raise",
+            choices=["raise", "skip"],
+            help="on a NaN/inf loss or gradient: stop naming the step and batch keys "
+            "(raise), or skip that optimizer step and count it (skip)",
+        )
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="resume from this Lightning checkpoint (weights, optimizer, schedule, data "
+            "stream position, RNG); 'last' = the newest one of this run",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Fill backbones and data from the shapes world when the user gave none, and resolve
         ``shapes-world:PART`` shard specs (PART: train, align, val)."""
         cfg = self.config
+        # A wrong backbone path fails now, before the embedded world or any data is built.
+        check_backbone_paths(cfg.model.vision, cfg.model.language_model)
         needs_model = (
             cfg.model.vision is None and cfg.model.language_model is None and cfg.model.size is None
         )
@@ -191,8 +214,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_samples=cli.config["eval.num_samples"], max_new_tokens=cli.config["eval.max_new_tokens"]
     )
     trainer.callbacks.append(evaluator)
+    # First in the list: their hooks must run before ModelCheckpoint's saves (see their docs).
+    trainer.callbacks[:0] = [
+        NonFiniteGuard(cli.config["nonfinite_loss"]),
+        RNGStateCallback(),
+        DataCountersLogger(),
+    ]
+    use_atomic_checkpoints(trainer)  # an interrupted save never replaces the last good one
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config["ckpt_path"])
     train_seconds = time.perf_counter() - start
     results = trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: v for k, v in (results[0] if results else {}).items()}

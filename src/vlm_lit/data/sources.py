@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from vlm_lit.data.tar_stream import expand_urls, open_url
+
+log = logging.getLogger(__name__)
 
 SourceArg = list[dict[str, Any]] | dict[str, Any] | str | None
 """A shard spec string, one ``{"name", "shards", "weight"}`` dict, or a list of such dicts."""
@@ -68,13 +72,18 @@ def count_samples(url: str) -> int:
     Local tars are walked header to header; remote ones are streamed once.
     """
     keys: set[str] = set()
-    with open_url(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
-        for info in archive:
-            folder, _, base = info.name.rpartition("/")
-            stem, _, suffix = base.partition(".")
-            if info.isfile() and suffix == "json":
-                keys.add(f"{folder}/{stem}")
-            archive.members.clear()  # streaming: keep no TarInfo list
+    try:
+        with open_url(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+            for info in archive:
+                folder, _, base = info.name.rpartition("/")
+                stem, _, suffix = base.partition(".")
+                if info.isfile() and suffix == "json":
+                    keys.add(f"{folder}/{stem}")
+                archive.members.clear()  # streaming: keep no TarInfo list
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        # A corrupt shard must not kill the run at setup: count what was readable; the
+        # reader skips and counts the broken part (or raises in strict mode) later.
+        log.warning("count_samples: %s is corrupt after %d sample(s): %s", url, len(keys), exc)
     return len(keys)
 
 

@@ -193,6 +193,16 @@ def _keep_rows(grad: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return grad * mask
 
 
+class _RowMask:
+    """The row-mask gradient hook as a picklable object (a lambda breaks ``ddp_spawn``)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return _keep_rows(grad, self.ids)
+
+
 def keep_new_rows_trainable(lm: PreTrainedModel, new_ids: Sequence[int]) -> None:
     """Make only the rows ``new_ids`` of the input (and untied output) embedding learn.
 
@@ -212,4 +222,4 @@ def keep_new_rows_trainable(lm: PreTrainedModel, new_ids: Sequence[int]) -> None
         if previous is not None:
             previous.remove()
         w.requires_grad_(True)
-        w._vlm_lit_row_hook = w.register_hook(lambda g, ids=ids: _keep_rows(g, ids))
+        w._vlm_lit_row_hook = w.register_hook(_RowMask(ids))

@@ -26,6 +26,8 @@ from vlm_lit.models.freezing import (
 from vlm_lit.models.language import enable_gradient_checkpointing
 from vlm_lit.models.loss import count_supervised, summed_cross_entropy
 from vlm_lit.models.optim import build_optimizer, warmup_cosine
+from vlm_lit.reliability.ddp import has_images, unused_parameter_anchor
+from vlm_lit.reliability.token_mean import TokenMean
 
 #: Seed of randomly initialised backbones (``size="tiny"`` or ``{"config": ...}`` specs).
 BACKBONE_SEED = 0
@@ -157,6 +159,8 @@ class VLMModule(L.LightningModule):
             # silently give LoRA / the connector no gradient (PITFALLS: LoRA / peft).
             enable_gradient_checkpointing(self.model.language_model)
         self._frozen = frozen_components(freeze, vision_mode)
+        # Token-weighted epoch losses (non-persistent state: checkpoints are unchanged).
+        self._loss_means = nn.ModuleDict({"val": TokenMean(), "test": TokenMean()})
         self.train()
 
     # --- the family hook -------------------------------------------------------------------
@@ -230,6 +234,12 @@ class VLMModule(L.LightningModule):
         if denom is None:
             denom = count
         out.loss = summed * world / denom.to(summed.device).float().clamp(min=1.0)
+        if self.training and not has_images(batch):
+            # Text-only batch: vision/connector never ran; a zero-valued term gives their
+            # trainable tensors a (zero) gradient so plain DDP works (vlm_lit.reliability.ddp).
+            anchor = unused_parameter_anchor(self.model)
+            if anchor is not None:
+                out.loss = out.loss + anchor.to(out.loss.device)
         return out, summed, count
 
     def forward(self, batch: dict[str, Any]) -> VLMOutput:
@@ -242,15 +252,18 @@ class VLMModule(L.LightningModule):
         size = int(batch["input_ids"].shape[0])
         on_step = stage == "train"
         sync = stage != "train"
-        # batch_size=count weights the epoch average by tokens, not by batches.
+        logged: Any = mean
+        if not on_step:
+            # The epoch value is the token-weighted mean, synced exactly (see TokenMean).
+            logged = self._loss_means[stage]
+            logged.update(summed, count)
         self.log(
             f"{stage}/loss",
-            mean,
+            logged,
             on_step=on_step,
             on_epoch=not on_step,
             prog_bar=True,
-            batch_size=max(int(count), 0) if not on_step else size,
-            sync_dist=sync,
+            batch_size=size,
         )
         self.log(
             f"{stage}/supervised_tokens",
