@@ -147,7 +147,7 @@ def test_default_base_is_the_fit_default() -> None:
     assert DEFAULT_CONFIG == FIT_DEFAULT.resolve() and DEFAULT_CONFIG.is_file()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def world_home(micro_world_home: Path) -> Path:
     """The session's micro shapes world (built once, see conftest.py)."""
     return micro_world_home

@@ -19,7 +19,7 @@ EXPERIMENT_YAMLS = sorted(
 )
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def world_home(micro_world_home: Path) -> Path:
     """The session's micro shapes world (see conftest.py)."""
     return micro_world_home

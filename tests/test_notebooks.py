@@ -44,7 +44,7 @@ def kernel_specs(tmp_path_factory: pytest.TempPathFactory) -> KernelSpecManager:
     return manager
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def world_home(micro_world_home: Path) -> Path:
     """The session's micro shapes world (built once, see conftest.py)."""
     return micro_world_home
