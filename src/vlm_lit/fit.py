@@ -100,6 +100,9 @@ class FitCLI(LightningCLI):
         if needs_model:
             cfg.model.vision = world.vision_spec()
             cfg.model.language_model = world.language_model_spec()
+            # world-sized connector defaults; keys the user set win
+            given = dict(cfg.model.connector_kwargs or {})
+            cfg.model.connector_kwargs = {**world.connector_spec(cfg.connector), **given}
         if needs_data:
             cfg.data.train = [{"name": "shapes", "shards": WORLD_PREFIX + "train"}]
             if cfg.data.val is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -55,6 +56,15 @@ PROFILES: dict[str, dict[str, int]] = {
 }
 
 
+#: Connector sizes matched to the world's tiny backbones (9 patches of width 128, LM width 128).
+WORLD_CONNECTORS: dict[str, dict[str, Any]] = {
+    "mlp": {},
+    "qformer": {"num_queries": 16, "hidden_size": 128, "num_layers": 2, "num_heads": 4},
+    "flamingo": {"num_latents": 16, "resampler_depth": 1, "resampler_heads": 4,
+                 "xattn_heads": 4, "cross_attn_every": 1, "ff_mult": 2},
+}
+
+
 @dataclass
 class ShapesWorld:
     """Paths to a built world, in the form the model and DataModule arguments take."""
@@ -82,6 +92,11 @@ class ShapesWorld:
     def language_model_spec(self) -> dict[str, Any]:
         """``--model.language_model`` for this world's pretrained LM."""
         return {"path": self.lm_dir}
+
+    def connector_spec(self, family: str) -> dict[str, Any]:
+        """``--model.connector_kwargs`` sized for this world's width-128 backbones (the
+        library defaults are BLIP-2 / OpenFlamingo scale, far too big for a CPU run)."""
+        return copy.deepcopy(WORLD_CONNECTORS.get(family, {}))
 
     def shards(self, name: str) -> list[str]:
         """Shards of one part of the world: ``train`` (mixed tasks), ``align`` (captions
