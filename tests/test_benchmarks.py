@@ -47,6 +47,7 @@ def test_step_throughput_quick_pairs_each_family_with_its_reference(tmp_path: Pa
     assert rows["mlp"]["reference"] == "LlavaForConditionalGeneration"
     for row in rows.values():
         assert row["ratio"] > 0 and row["vlm_lit_tok_s"] > 0 and row["reference_tok_s"] > 0
+        assert 0.5 < row["flop_ratio"] < 2
         assert row["trainable_reference"] > 0 and row["trainable_vlm_lit"] > 0
     # Llava gets every vlm_lit weight: the same model, so the same loss before training.
     assert rows["mlp"]["loss_vlm_lit"] == pytest.approx(rows["mlp"]["loss_reference"], abs=1e-4)

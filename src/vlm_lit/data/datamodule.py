@@ -89,6 +89,12 @@ class VLMDataModule(L.LightningDataModule):
     the next training epoch replays its deterministic stream and skips the consumed batches:
     exact when seed, world size, ``num_workers`` and data are unchanged, at the cost of
     re-reading the skipped part (otherwise a warning is logged and the epoch starts over).
+
+    ``packing``: training batches are ``batch_size`` rows, each several whole samples packed
+    up to ``max_length`` tokens, with ``segment_ids`` / ``position_ids`` (see
+    ``vlm_lit.data.packing``); the supervised tokens are exactly the unpacked ones. With
+    packing, ``epoch_samples`` still sets the number of batches (``// batch_size``), so an
+    epoch then covers more samples. Validation batches are never packed.
     """
 
     def __init__(
@@ -110,8 +116,15 @@ class VLMDataModule(L.LightningDataModule):
         accumulate_grad_batches: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        packing: bool = False,
     ) -> None:
         super().__init__()
+        if packing and (max_length is None or group_by_length):
+            raise ValueError(
+                "--data.packing true packs samples into rows of --data.max_length tokens: it "
+                f"needs --data.max_length (got {max_length}) and replaces "
+                f"--data.group_by_length (got {group_by_length}; set it false)"
+            )
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(
                 f"need --data.batch_size >= 1, --data.num_workers >= 0, --data.shuffle_buffer"
@@ -126,6 +139,7 @@ class VLMDataModule(L.LightningDataModule):
         self.val_generation_subset, self.group_by_length = val_generation_subset, group_by_length
         self.epoch_samples, self.accumulate_grad_batches = epoch_samples, accumulate_grad_batches
         self.rank, self.world_size = rank, world_size
+        self.packing = packing
         self.tokenizer: Any = None
         self.transform: ImageTransform | None = None
         self.train_sources: list[Source] = []
@@ -230,6 +244,7 @@ class VLMDataModule(L.LightningDataModule):
             strict=self.strict,
             rank=rank,
             world_size=world,
+            packing=self.packing,
         )
 
     def val_dataset(self) -> EvalStream:

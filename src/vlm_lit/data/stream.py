@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_lit.data.collate import Batch, batch_examples, collate_examples, padding_batch
 from vlm_lit.data.example import ExamplePreparer
+from vlm_lit.data.packing import collate_packed, pack_examples
 from vlm_lit.data.shards import read_samples
 from vlm_lit.data.sources import EvalShard, Source, check_shard_counts
 from vlm_lit.data.tar_stream import OK, SampleCounter
@@ -65,6 +66,8 @@ def _worker(
 class TrainStream(IterableDataset):
     """Endless weighted mix of sources, cut to a fixed number of batches per rank and epoch.
 
+    With ``packing`` a batch is ``batch_size`` rows of whole samples packed up to the
+    preparer's ``max_length`` (see ``vlm_lit.data.packing``); validation is never packed.
     Every rank yields exactly ``batches_per_rank`` batches (split over its workers), so DDP
     never waits on a rank that ran dry: a worker whose shards run out reads them again in a
     new order (see the DataModule docs for the trade-off). Shards are shuffled with
@@ -84,14 +87,21 @@ class TrainStream(IterableDataset):
         strict: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        packing: bool = False,
     ) -> None:
         super().__init__()
+        if packing and not prepare.max_length:
+            raise ValueError(
+                "--data.packing true packs samples into rows of --data.max_length tokens; "
+                "set --data.max_length"
+            )
         if not sources or any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
             raise ValueError("train sources need at least one source and weights >= 0 with sum > 0")
         self.sources, self.prepare = sources, prepare
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.seed, self.shuffle_buffer, self.group_by_length = seed, shuffle_buffer, group_by_length
         self.strict, self.rank, self.world_size = strict, rank, world_size
+        self.packing = packing
         self.epoch = 0
 
     def check_shards(self, num_workers: int, world_size: int | None = None) -> None:
@@ -153,14 +163,26 @@ class TrainStream(IterableDataset):
                     yield example
 
         quota = self.batches_per_rank // workers + (worker < self.batches_per_rank % workers)
-        batches = batch_examples(
-            examples(),
-            self.batch_size,
-            group_by_length=self.group_by_length,
-            rng=random.Random(f"lengths/{tag}"),
-        )
+        collate: Any = collate_examples
+        if self.packing:
+            # Rows of whole samples up to max_length; a batch is batch_size rows.
+            batches: Iterator[list[Any]] = pack_examples(
+                examples(),
+                self.batch_size,
+                int(self.prepare.max_length),
+                buffer_size=max(4 * self.batch_size, 64),
+                rng=random.Random(f"packing/{tag}"),
+            )
+            collate = collate_packed
+        else:
+            batches = batch_examples(
+                examples(),
+                self.batch_size,
+                group_by_length=self.group_by_length,
+                rng=random.Random(f"lengths/{tag}"),
+            )
         for group in itertools.islice(batches, quota):
-            batch = collate_examples(group, **self.prepare.collate_args())
+            batch = collate(group, **self.prepare.collate_args())
             batch["counters"] = stats.delta()
             yield batch
 

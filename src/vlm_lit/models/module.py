@@ -226,6 +226,8 @@ class VLMModule(L.LightningModule):
             batch.get("pixel_values"),
             batch.get("image_sample_index"),
             batch.get("labels"),
+            # packed rows (--data.packing): samples attend only within themselves
+            **{k: batch[k] for k in ("segment_ids", "position_ids") if k in batch},
         )
         labels = out.labels if out.labels is not None else batch["labels"]
         summed = summed_cross_entropy(out.logits, labels)

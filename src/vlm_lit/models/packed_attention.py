@@ -8,10 +8,11 @@ How the LM gets that (transformers 5, checked in ``masking_utils.create_causal_m
 
 - ``sdpa`` / ``eager``: a 4-D mask (B, 1, T, T) is passed through unchanged by
   ``create_causal_mask`` ("already prepared"), so we build it: causal AND same segment.
-  SDPA wants a bool mask (True = attend), eager an additive float mask. transformers could
-  also infer segments from ``position_ids`` when ``attention_mask`` is None, but only for the
-  models that call ``create_causal_mask`` with position ids; the explicit mask works for every
-  decoder that accepts a 4-D mask and makes the padding explicit.
+  SDPA wants a bool mask (True = attend), eager an additive float mask. transformers can
+  also infer segments from ``position_ids`` restarting at 0, but only when
+  ``attention_mask is None`` AND no cache exists: measured with Llama + SDPA (5.24), the
+  default ``use_cache=True`` creates a cache, skips the inference and the segments silently
+  attend to each other. The explicit mask does not depend on that.
 - ``flash_attention_2/3`` on CUDA with flash-attn installed: no mask; the cumulative sequence
   lengths over the flattened (B*T) tokens go to ``flash_attn_varlen_func`` through
   transformers' ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments.
@@ -51,9 +52,7 @@ def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(segment_ids > 0, index - start_index, 0)  # (B, T)
 
 
-def block_causal_mask(
-    segment_ids: torch.Tensor, dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Causal, block-diagonal (B, 1, T, T) mask from ``segment_ids`` (B, T).
 
     Query ``q`` may see key ``k <= q`` of the same non-zero segment. Padding queries see only
