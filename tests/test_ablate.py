@@ -299,7 +299,9 @@ def test_subprocess_mode_hands_out_devices(tmp_path: Path, monkeypatch: pytest.M
         (run / "logs" / "metrics.csv").write_text(
             "step,train/loss,train/supervised_tokens\n0,2.0,5\n"
         )
-        (run / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "global_step": 1}))
+        # as fit does: written last and atomically (other arms' threads read it meanwhile)
+        (run / "metrics.partial").write_text(json.dumps({"val/acc": 0.5, "global_step": 1}))
+        (run / "metrics.partial").replace(run / "metrics.json")
 
     monkeypatch.setattr(runner_module, "_fit_subprocess", fake_subprocess)
     monkeypatch.setattr(runner_module, "model_stats", lambda run_dir: {"trainable_params": 1})

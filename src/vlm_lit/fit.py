@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,9 +189,12 @@ def write_run_outputs(run_dir: Path, metrics: dict[str, Any], config_yaml: str, 
     """``metrics.json`` (flat, numbers only), ``config.yaml`` (resolved) and ``model/``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = {k: float(v) for k, v in sorted(metrics.items())}
-    (run_dir / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n")
     (run_dir / "config.yaml").write_text(config_yaml)
     model.save_pretrained(run_dir / "model")
+    # metrics.json last and atomically: its presence marks a finished run (vlm_lit.ablate)
+    partial = run_dir / "metrics.json.partial"
+    partial.write_text(json.dumps(flat, indent=2) + "\n")
+    os.replace(partial, run_dir / "metrics.json")
     return run_dir / "metrics.json"
 
 
