@@ -58,6 +58,7 @@ def test_help_lists_short_flags_and_typed_groups(capsys: pytest.CaptureFixture[s
         "--model.freeze",
         "--model.lr_connector",
         "--data.batch_size",
+        "--data.allow_pipe",
         "--trainer.max_steps",
     ):
         assert flag in text, flag

@@ -14,13 +14,17 @@ import struct
 import tarfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 
+from tokenizers_fixtures import make_tokenizer
 from vlm_lit.data.datamodule import VLMDataModule
-from vlm_lit.data.shards import write_shards
+from vlm_lit.data.shards import read_samples, write_shards
+from vlm_lit.data.sources import EvalShard, Source, count_samples, eval_shards, parse_sources
+from vlm_lit.data.stream import EvalStream, TrainStream
 from vlm_lit.fit import main
 from vlm_lit.models import build_vlm
 from vlm_lit.reliability import AtomicCheckpointIO
@@ -141,6 +145,98 @@ def test_pipe_url_in_a_config_is_refused_and_never_runs(tmp_path: Path) -> None:
             ]
         )
     assert not marker.exists()
+
+
+def test_pipe_source_in_any_form_is_refused_at_construction(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    plain = write_shards([_chat("a")], tmp_path / "d")[0]
+    pipe = f"pipe:touch {marker} && cat {plain}"
+    forms = [  # (train, val, the URL the error must name)
+        (pipe, None, pipe),
+        ({"name": "x", "shards": pipe}, None, pipe),
+        ([{"shards": plain}, {"name": "y", "shards": [plain, pipe], "weight": 2}], None, pipe),
+        (plain, pipe, pipe),
+        (plain, [{"name": "v", "shards": pipe}], pipe),
+        (f"{{{plain},{pipe}}}", None, pipe),  # inside a brace expansion list
+        (f"{plain}::{pipe}", None, pipe),
+        (f"PIPE:touch {marker}", None, f"PIPE:touch {marker}"),  # gopen lowercases schemes
+        (f" pipe:touch {marker}", None, f" pipe:touch {marker}"),
+    ]
+    for train, val, url in forms:
+        with pytest.raises(ValueError, match="allow_pipe") as error:
+            VLMDataModule(train=train, val=val)
+        assert repr(url) in str(error.value), (train, val)
+    # a spec changed after construction is still refused when setup expands it
+    dm = VLMDataModule(train=plain, val=plain)
+    dm.train_spec, dm.val_spec = pipe, None
+    with pytest.raises(ValueError, match="allow_pipe"):
+        dm.setup("fit")
+    dm.train_spec, dm.val_spec = plain, pipe
+    with pytest.raises(ValueError, match="allow_pipe"):
+        dm.setup("validate")
+    assert not marker.exists()
+
+
+class _NoPreparer:
+    """A stream's preparer that must never see a sample (the shard is refused first)."""
+
+    def maybe(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("a sample was read from a refused shard")
+
+
+def test_pipe_urls_are_refused_by_every_layer_by_default(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    plain = write_shards([_chat("a")], tmp_path / "d")[0]
+    pipe = f"pipe:touch {marker} && cat {plain}"
+    unused: Any = _NoPreparer()
+    train_stream = TrainStream([Source("t", (pipe,))], unused, batch_size=1, batches_per_rank=1)
+    eval_stream = EvalStream([EvalShard(pipe, "v", 1)], unused, batch_size=1)
+    refusals = [
+        lambda: parse_sources({"shards": pipe}, default_name="train"),
+        lambda: count_samples(pipe),
+        lambda: eval_shards([Source("v", (pipe,))], None),
+        lambda: list(read_samples([plain, pipe])),
+        lambda: next(iter(train_stream)),
+        lambda: next(iter(eval_stream)),
+    ]
+    for refuse in refusals:
+        with pytest.raises(ValueError, match="allow_pipe"):
+            refuse()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_allowed_pipe_source_streams_like_the_plain_path(tmp_path: Path, num_workers: int) -> None:
+    marker = tmp_path / "ran"
+    train = write_shards(
+        [_chat(f"t{i}") for i in range(12)], tmp_path / "t", max_samples_per_shard=6
+    )
+    val = write_shards([_chat(f"v{i}") for i in range(6)], tmp_path / "v", max_samples_per_shard=3)
+    piped_train = [f"pipe:cat {train[0]}", f"pipe:touch {marker} && cat {train[1]}"]
+    piped_val = [f"pipe:cat {u}" for u in val]
+
+    def keys(train_urls: list[str], val_urls: list[str], allow_pipe: bool) -> list[list[str]]:
+        dm = VLMDataModule(
+            train={"name": "s", "shards": train_urls},
+            val={"name": "s", "shards": val_urls},
+            batch_size=2,
+            num_workers=num_workers,
+            shuffle_buffer=4,
+            allow_pipe=allow_pipe,
+        )
+        dm.connect(
+            make_tokenizer("chatml"), image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
+        )
+        loaders = (dm.train_dataloader(), dm.val_dataloader())
+        # samples were counted through the pipes too
+        assert dm.epoch_samples == 12 and [s.num_samples for s in dm.val_shards] == [3, 3]
+        return [[k for batch in loader for k in batch["keys"]] for loader in loaders]
+
+    expected = keys(train, val, allow_pipe=False)
+    assert not marker.exists()
+    assert keys(piped_train, piped_val, allow_pipe=True) == expected
+    assert marker.exists()  # the command really ran
+    assert sorted(expected[1]) == sorted(f"v{i}" for i in range(6))
 
 
 def test_checkpoint_with_pickle_payload_is_refused_on_resume(tmp_path: Path) -> None:

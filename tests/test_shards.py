@@ -283,6 +283,26 @@ def test_pipe_urls_need_explicit_opt_in(tmp_path: Path) -> None:
     assert [s["key"] for s in back] == ["a"]
 
 
+def test_pipe_urls_are_refused_wherever_the_spec_hides_them(tmp_path: Path) -> None:
+    url = _tar(tmp_path / "ok.tar", _good("a"))
+    marker = tmp_path / "pwned"
+    pipe = f"pipe:touch {marker}"
+    for spec in (
+        f"{{{url},{pipe}}}",  # brace expansion list
+        f"{url}::{pipe}",
+        [url, pipe],
+        f"PIPE:touch {marker}",  # gopen lowercases the scheme: still a pipe
+        f" pipe:touch {marker}",  # and strips leading blanks
+        f"{pipe}; cat {tmp_path}/missing.tar",  # refused before existence checks
+    ):
+        with pytest.raises(ValueError, match="allow_pipe"):
+            expand_urls(spec)
+        with pytest.raises(ValueError, match="allow_pipe"):
+            list(read_samples(spec))
+    assert not marker.exists()
+    assert expand_urls([url, f"pipe:cat {url}"], allow_pipe=True) == [url, f"pipe:cat {url}"]
+
+
 def test_gzip_shards_and_url_expansion(tmp_path: Path) -> None:
     _tar(tmp_path / "a.tar", _good("a"))
     raw = Path(_tar(tmp_path / "b.raw", _good("b"))).read_bytes()

@@ -21,6 +21,7 @@ from vlm_lit.data.sources import (
     count_samples,
     eval_shards,
     parse_sources,
+    refuse_pipe_sources,
 )
 from vlm_lit.data.stream import EvalStream, TrainStream
 from vlm_lit.data.tokenize import ensure_image_token
@@ -95,6 +96,12 @@ class VLMDataModule(L.LightningDataModule):
     ``vlm_lit.data.packing``); the supervised tokens are exactly the unpacked ones. With
     packing, ``epoch_samples`` still sets the number of batches (``// batch_size``), so an
     epoch then covers more samples. Validation batches are never packed.
+
+    ``allow_pipe`` (default False): a ``pipe:`` shard URL runs a shell command, so a config
+    (or anyone who can edit one) could run arbitrary code through ``train``/``val``. Such a
+    URL is refused with a ``ValueError`` at construction, before anything is opened or run,
+    unless ``allow_pipe=True`` (``--data.allow_pipe true``); then it is counted and streamed
+    like any shard. Set it only for configs you trust.
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class VLMDataModule(L.LightningDataModule):
         rank: int = 0,
         world_size: int = 1,
         packing: bool = False,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         if packing and (max_length is None or group_by_length):
@@ -130,6 +138,9 @@ class VLMDataModule(L.LightningDataModule):
                 f"need --data.batch_size >= 1, --data.num_workers >= 0, --data.shuffle_buffer"
                 f" >= 1; got {batch_size}, {num_workers}, {shuffle_buffer}"
             )
+        if not allow_pipe:  # before any shard is opened: a pipe: URL is a shell command
+            refuse_pipe_sources(train, default_name="train")
+            refuse_pipe_sources(val, default_name="val")
         self.train_spec: SourceArg = train
         self.val_spec: SourceArg = val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -139,7 +150,7 @@ class VLMDataModule(L.LightningDataModule):
         self.val_generation_subset, self.group_by_length = val_generation_subset, group_by_length
         self.epoch_samples, self.accumulate_grad_batches = epoch_samples, accumulate_grad_batches
         self.rank, self.world_size = rank, world_size
-        self.packing = packing
+        self.packing, self.allow_pipe = packing, allow_pipe
         self.tokenizer: Any = None
         self.transform: ImageTransform | None = None
         self.train_sources: list[Source] = []
@@ -202,18 +213,26 @@ class VLMDataModule(L.LightningDataModule):
         """Expand shard specs, check shard counts against ranks x workers, count val samples."""
         _, world = self._dist()
         if self.train_spec is not None and not self.train_sources:
-            self.train_sources = parse_sources(self.train_spec, default_name="train")
+            self.train_sources = parse_sources(
+                self.train_spec, default_name="train", allow_pipe=self.allow_pipe
+            )
         check_shard_counts(self.train_sources, world, self.num_workers)
         if self.val_spec is not None and not self.val_shards:
-            sources = parse_sources(self.val_spec, default_name="val")
-            self.val_shards = eval_shards(sources, self.val_generation_subset)
+            sources = parse_sources(self.val_spec, default_name="val", allow_pipe=self.allow_pipe)
+            self.val_shards = eval_shards(
+                sources, self.val_generation_subset, allow_pipe=self.allow_pipe
+            )
 
     def batches_per_rank(self) -> int:
         """Training batches every rank yields per epoch (identical on all ranks)."""
         _, world = self._dist()
         total = self.epoch_samples
         if total is None:
-            total = sum(count_samples(u) for s in self.train_sources for u in s.urls)
+            total = sum(
+                count_samples(u, allow_pipe=self.allow_pipe)
+                for s in self.train_sources
+                for u in s.urls
+            )
             self.epoch_samples = total
         batches = total // world // self.batch_size
         k = self._accumulate()
@@ -245,6 +264,7 @@ class VLMDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             packing=self.packing,
+            allow_pipe=self.allow_pipe,
         )
 
     def val_dataset(self) -> EvalStream:
@@ -259,6 +279,7 @@ class VLMDataModule(L.LightningDataModule):
             strict=self.strict,
             rank=rank,
             world_size=world,
+            allow_pipe=self.allow_pipe,
         )
 
     def train_dataloader(self) -> StreamLoader:

@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_lit.data.tar_stream import expand_urls, open_url
+from vlm_lit.data.tar_stream import expand_urls, open_url, pipe_urls
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,35 @@ class EvalShard:
     num_generate: int = 0
 
 
-def parse_sources(spec: SourceArg, *, default_name: str) -> list[Source]:
-    """Turn a CLI/YAML source spec into ``Source`` objects with expanded, existing URLs."""
+def refuse_pipe_sources(spec: SourceArg, *, default_name: str) -> None:
+    """Raise ``ValueError`` naming ``allow_pipe`` and the URL if any source has a ``pipe:`` URL.
+
+    A ``pipe:`` URL runs a shell command, so a config must not smuggle one in: this only
+    looks at strings (brace lists and ``::`` joins included) and never opens or runs anything.
+    """
+    if spec is None:
+        return
+    items = [spec] if isinstance(spec, (str, dict)) else list(spec)
+    for i, item in enumerate(items):
+        shards = item.get("shards") if isinstance(item, dict) else item
+        found = pipe_urls(shards) if isinstance(shards, (str, list, tuple)) else []
+        if found:
+            raise ValueError(
+                f"data source #{i} ({default_name}) has shard URL {found[0]!r}: a 'pipe:' URL "
+                "runs a shell command and is refused unless allowed; set --data.allow_pipe true "
+                "(VLMDataModule(allow_pipe=True)) only for configs you trust"
+            )
+
+
+def parse_sources(spec: SourceArg, *, default_name: str, allow_pipe: bool = False) -> list[Source]:
+    """Turn a CLI/YAML source spec into ``Source`` objects with expanded, existing URLs.
+
+    ``pipe:`` URLs (they run a shell command) are refused unless ``allow_pipe``.
+    """
     if spec is None:
         return []
+    if not allow_pipe:
+        refuse_pipe_sources(spec, default_name=default_name)
     items = [spec] if isinstance(spec, (str, dict)) else list(spec)
     sources: list[Source] = []
     for i, item in enumerate(items):
@@ -54,7 +79,7 @@ def parse_sources(spec: SourceArg, *, default_name: str) -> list[Source]:
         weight = float(item.get("weight", 1.0))
         if weight < 0:
             raise ValueError(f"data source {name!r}: weight must be >= 0, got {weight}")
-        urls = tuple(expand_urls(item["shards"]))
+        urls = tuple(expand_urls(item["shards"], allow_pipe=allow_pipe))
         if not urls:
             raise ValueError(f"data source {name!r}: shard spec {item['shards']!r} matched nothing")
         sources.append(Source(name, urls, weight))
@@ -66,14 +91,18 @@ def parse_sources(spec: SourceArg, *, default_name: str) -> list[Source]:
     return sources
 
 
-def count_samples(url: str) -> int:
+def count_samples(url: str, *, allow_pipe: bool = False) -> int:
     """Number of samples (keys with a ``.json`` member) in one shard, from tar headers.
 
-    Local tars are walked header to header; remote ones are streamed once.
+    Local tars are walked header to header; remote ones are streamed once. A ``pipe:`` URL
+    (its shell command runs) is refused unless ``allow_pipe``.
     """
     keys: set[str] = set()
     try:
-        with open_url(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+        with (
+            open_url(url, allow_pipe=allow_pipe) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as archive,
+        ):
             for info in archive:
                 folder, _, base = info.name.rpartition("/")
                 stem, _, suffix = base.partition(".")
@@ -100,14 +129,19 @@ def check_shard_counts(sources: list[Source], world_size: int, num_workers: int)
             )
 
 
-def eval_shards(sources: list[Source], generation_subset: int | None) -> list[EvalShard]:
+def eval_shards(
+    sources: list[Source], generation_subset: int | None, *, allow_pipe: bool = False
+) -> list[EvalShard]:
     """Validation shards in a fixed order, with counts and per-shard generation quotas.
 
     ``generation_subset`` samples in total are flagged for generation-based evaluation,
     spread over shards in proportion to their size (largest remainder), so generation work
     is balanced across ranks instead of piling onto the first shard. None flags every sample.
+    ``allow_pipe`` lets ``pipe:`` shards be counted (their commands run once here).
     """
-    plain = [(url, s.name, count_samples(url)) for s in sources for url in s.urls]
+    plain = [
+        (url, s.name, count_samples(url, allow_pipe=allow_pipe)) for s in sources for url in s.urls
+    ]
     total = sum(n for _, _, n in plain)
     wanted = total if generation_subset is None else min(generation_subset, total)
     exact = [wanted * n / total if total else 0.0 for _, _, n in plain]

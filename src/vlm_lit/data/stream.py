@@ -71,7 +71,8 @@ class TrainStream(IterableDataset):
     Every rank yields exactly ``batches_per_rank`` batches (split over its workers), so DDP
     never waits on a rank that ran dry: a worker whose shards run out reads them again in a
     new order (see the DataModule docs for the trade-off). Shards are shuffled with
-    (seed, epoch) identically on every rank, split by rank, then by worker.
+    (seed, epoch) identically on every rank, split by rank, then by worker. ``allow_pipe``
+    lets ``pipe:`` shard URLs run their shell command (refused by default).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         packing: bool = False,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         if packing and not prepare.max_length:
@@ -101,7 +103,7 @@ class TrainStream(IterableDataset):
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.seed, self.shuffle_buffer, self.group_by_length = seed, shuffle_buffer, group_by_length
         self.strict, self.rank, self.world_size = strict, rank, world_size
-        self.packing = packing
+        self.packing, self.allow_pipe = packing, allow_pipe
         self.epoch = 0
 
     def check_shards(self, num_workers: int, world_size: int | None = None) -> None:
@@ -118,7 +120,9 @@ class TrainStream(IterableDataset):
         for rounds in itertools.count():
             rng = random.Random(f"samples/{tag}/{rounds}")
             order = shards if rounds == 0 else rng.sample(shards, len(shards))
-            read = read_samples(order, strict=self.strict, counter=stats.reader)
+            read = read_samples(
+                order, strict=self.strict, counter=stats.reader, allow_pipe=self.allow_pipe
+            )
             empty = True
             for sample in shuffle_buffer(read, self.shuffle_buffer, rng):
                 empty = False
@@ -195,7 +199,8 @@ class EvalStream(IterableDataset):
 
     Shards keep their order and are split by rank, then by worker. All ranks yield the same
     number of batches: a rank with fewer samples ends with ``is_padding`` batches (one pad
-    token, no label), which carry no loss and must be skipped by metrics.
+    token, no label), which carry no loss and must be skipped by metrics. ``allow_pipe`` lets
+    ``pipe:`` shard URLs run their shell command (refused by default).
     """
 
     def __init__(
@@ -207,10 +212,12 @@ class EvalStream(IterableDataset):
         strict: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         self.shards, self.prepare, self.batch_size = shards, prepare, batch_size
         self.strict, self.rank, self.world_size = strict, rank, world_size
+        self.allow_pipe = allow_pipe
 
     def planned_batches(self, rank: int, world: int, workers: int) -> list[int]:
         """Batches each worker of ``rank`` yields, before padding."""
@@ -240,7 +247,12 @@ class EvalStream(IterableDataset):
 
         def examples() -> Iterator[dict[str, Any]]:
             for shard in _split(_split(self.shards, rank, world), worker, workers):
-                read = read_samples([shard.url], strict=self.strict, counter=stats.reader)
+                read = read_samples(
+                    [shard.url],
+                    strict=self.strict,
+                    counter=stats.reader,
+                    allow_pipe=self.allow_pipe,
+                )
                 for position, sample in enumerate(read):
                     example = self.prepare.maybe(
                         sample, shard.source, stats.own, strict=self.strict

@@ -26,11 +26,14 @@ __all__ = [
     "expand_urls",
     "iter_groups",
     "open_url",
+    "pipe_urls",
 ]
 
 
 def _is_pipe(url: str) -> bool:
-    return url.startswith("pipe:")
+    # urlparse, like webdataset's gopen, lowercases the scheme and strips leading blanks:
+    # " pipe:..." or "PIPE:..." would reach its shell too, so they count as pipes here.
+    return url.startswith("pipe:") or urlparse(url).scheme == "pipe"
 
 
 def _is_local(url: str) -> bool:
@@ -42,30 +45,47 @@ def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
 
+def _spec_urls(spec: str | Sequence[str]) -> Iterator[str]:
+    """The URLs a spec names before directories are listed: ``::`` split, braces expanded.
+
+    A ``pipe:`` item or part is kept whole (its command may contain ``::`` or braces).
+    """
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        item = str(item)
+        for part in [item] if _is_pipe(item) else item.split("::"):
+            yield from [part] if _is_pipe(part) else braceexpand(part)
+
+
+def pipe_urls(spec: str | Sequence[str]) -> list[str]:
+    """The ``pipe:`` URLs in a shard spec (inside brace lists and ``::`` joins too).
+
+    Pure string work: nothing is opened or run, so it can vet a config before anything else.
+    """
+    return [url for url in _spec_urls(spec) if _is_pipe(url)]
+
+
 def expand_urls(spec: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
     """Expand a shard spec to a list of URLs.
 
     Accepts a path or URL, brace ranges (`"d/shard-{000000..000006}.tar"`), several specs
     joined by `"::"`, a directory (its `*.tar` / `*.tar.gz` files, sorted) or a list of any
-    of these. Local files must exist; `pipe:` URLs need `allow_pipe=True`.
+    of these. Local files must exist. A `pipe:` URL runs a shell command, so one anywhere in
+    the spec raises `ValueError` before anything is opened unless `allow_pipe=True`.
     """
-    specs = [spec] if isinstance(spec, str) else list(spec)
+    found_pipes = pipe_urls(spec)
+    if found_pipes and not allow_pipe:  # checked before any file is looked at
+        raise ValueError(
+            f"refusing shard URL {found_pipes[0]!r}: 'pipe:' runs a shell command; pass "
+            "allow_pipe=True only for specs you trust"
+        )
     urls: list[str] = []
-    for item in specs:
-        for part in str(item).split("::") if not _is_pipe(str(item)) else [str(item)]:
-            expanded = [part] if _is_pipe(part) else list(braceexpand(part))
-            for url in expanded:
-                if _is_pipe(url) and not allow_pipe:
-                    raise ValueError(
-                        f"refusing shard URL {url!r}: 'pipe:' runs a shell command; pass "
-                        "allow_pipe=True only for specs you trust"
-                    )
-                if _is_local(url) and Path(_local_path(url)).is_dir():
-                    found = sorted(Path(_local_path(url)).glob("*.tar"))
-                    found += sorted(Path(_local_path(url)).glob("*.tar.gz"))
-                    urls.extend(str(p) for p in found)
-                else:
-                    urls.append(url)
+    for url in _spec_urls(spec):
+        if _is_local(url) and Path(_local_path(url)).is_dir():
+            found = sorted(Path(_local_path(url)).glob("*.tar"))
+            found += sorted(Path(_local_path(url)).glob("*.tar.gz"))
+            urls.extend(str(p) for p in found)
+        else:
+            urls.append(url)
     missing = [u for u in urls if _is_local(u) and not Path(_local_path(u)).is_file()]
     if missing:
         raise FileNotFoundError(
