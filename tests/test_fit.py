@@ -85,12 +85,16 @@ def test_bad_flag_is_a_parse_error(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_print_config_shows_short_flags_applied(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["--connector", "qformer", "--freeze", "lora", "--seed", "7", "--print_config"])
+        main(
+            ["--connector", "qformer", "--freeze", "lora", "--seed", "7",
+             "--eval.num_samples", "37", "--print_config"]
+        )
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "connector: qformer" in out
     assert "freeze: lora" in out
     assert "seed_everything: 7" in out
+    assert "val_generation_subset: 37" in out
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=[p.name for p in EXPERIMENT_YAMLS])
@@ -121,6 +125,34 @@ def test_micro_fit_writes_metrics_config_and_model(
     assert (tmp_path / "config.yaml").is_file()
     assert f"connector: {connector}" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_default_loggers_write_csv_tensorboard_and_throughput(
+    world_home: Path, tmp_path: Path
+) -> None:
+    """No --trainer.logger: metrics.csv always (and TensorBoard events when installed) in one
+    version folder, with loss, learning rates, samples/s and supervised tokens/s."""
+    import csv
+
+    from vlm_lit.loggers import tensorboard_available
+
+    args = micro_args(tmp_path, "mlp", steps=5)
+    at = args.index("--trainer.logger")
+    del args[at : at + 2]
+    main([*args, "--trainer.log_every_n_steps", "2"])
+    version = tmp_path / "lightning_logs" / "version_0"
+    rows = list(csv.DictReader((version / "metrics.csv").open()))
+    columns = set(rows[0])
+    for key in ("train/loss", "train/samples_per_sec", "train/supervised_tokens_per_sec"):
+        assert key in columns, sorted(columns)
+    assert any(c.startswith("lr/") for c in columns), sorted(columns)
+    speeds = [r for r in rows if r["train/samples_per_sec"]]
+    assert speeds, "no throughput row"
+    for row in speeds:  # batch size 4: samples/s x s/step is the batch size
+        per_step = float(row["train/sec_per_step"])
+        assert float(row["train/samples_per_sec"]) * per_step == pytest.approx(4.0)
+        assert float(row["train/supervised_tokens_per_sec"]) > 0
+    assert any(version.glob("events.out.tfevents.*")) == tensorboard_available()
 
 
 def test_module_entry_point_runs_as_documented(world_home: Path, tmp_path: Path) -> None:

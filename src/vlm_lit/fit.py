@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlm_lit.data.datamodule import VLMDataModule
 from vlm_lit.eval.callback import GenerationEvalCallback
+from vlm_lit.loggers import ThroughputLogger, default_loggers
 from vlm_lit.models.freezing import FREEZE_PRESETS
 from vlm_lit.models.registry import CONNECTORS
 from vlm_lit.reliability import (
@@ -62,9 +63,10 @@ class FitCLI(LightningCLI):
         )
         parser.add_argument(
             "--eval.num_samples",
-            type=int,
-            default=200,
-            help="validation questions answered by generation (seeded subset)",
+            type=int | None,
+            default=None,
+            help="validation samples answered by generation (a fixed, seeded subset); "
+            "shorthand for --data.val_generation_subset",
         )
         parser.add_argument("--eval.max_new_tokens", type=int, default=8)
         parser.add_argument(
@@ -144,6 +146,7 @@ def _preparse(argv: list[str]) -> argparse.Namespace:
     pre.add_argument("--connector")
     pre.add_argument("--freeze")
     pre.add_argument("--seed", type=int)
+    pre.add_argument("--eval.num_samples", dest="eval_num_samples", type=int)
     pre.add_argument("--config", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
     for path in known.config:  # command-line values win over the files
@@ -171,6 +174,8 @@ def _preparse(argv: list[str]) -> argparse.Namespace:
 def _overrides(known: argparse.Namespace) -> list[str]:
     """Short flags as the long options they stand for (appended last, so they win)."""
     extra = []
+    if getattr(known, "eval_num_samples", None) is not None:
+        extra += ["--data.val_generation_subset", str(known.eval_num_samples)]
     if known.freeze is not None:
         extra += ["--model.freeze", known.freeze]
     if known.seed is not None:
@@ -217,8 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer_defaults={"accelerator": "auto"},
     )
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    if cli.config["trainer"].get("logger") in (None, True):  # the user chose no logger
+        trainer.loggers = default_loggers(trainer.default_root_dir)
     evaluator = GenerationEvalCallback(
-        num_samples=cli.config["eval.num_samples"], max_new_tokens=cli.config["eval.max_new_tokens"]
+        num_samples=datamodule.val_generation_subset,
+        max_new_tokens=cli.config["eval.max_new_tokens"],
     )
     trainer.callbacks.append(evaluator)
     # First in the list: their hooks must run before ModelCheckpoint's saves (see their docs).
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         NonFiniteGuard(cli.config["nonfinite_loss"]),
         RNGStateCallback(),
         DataCountersLogger(),
+        ThroughputLogger(every_n_steps=trainer.log_every_n_steps),
     ]
     use_atomic_checkpoints(trainer)  # an interrupted save never replaces the last good one
     start = time.perf_counter()

@@ -44,9 +44,10 @@ class DataCountersLogger(L.Callback):
                 ", ".join(f"{k}={v}" for k, v in sorted(grown.items())),
             )
             self._warned.update(grown)
-        if counters and trainer.logger is not None:
+        if counters:
             metrics = {f"data/{k}": float(v) for k, v in counters.items()}
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
