@@ -111,7 +111,12 @@ def test_sweeps_bundles_and_config_merge(tmp_path: Path) -> None:
     assert config["trainer"]["default_root_dir"] == str(tmp_path / "run")
     assert config["trainer"]["logger"]["class_path"].endswith("CSVLogger")
     # no base config files: the embedded default recipe is the base
-    assert config["data"]["batch_size"] == 32
+    import yaml
+
+    from vlm_lit.ablation.config import DEFAULT_CONFIG
+
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert config["data"]["batch_size"] == default["data"]["batch_size"]
 
 
 def test_grid_errors_name_the_problem(tmp_path: Path) -> None:

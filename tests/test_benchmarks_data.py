@@ -25,3 +25,5 @@ def test_data_throughput_quick_writes_ratios(tmp_path: Path) -> None:
     assert all(r["samples_per_s"] > 0 and r["peak_pss_mb"] > 0 for r in saved["rows"])
     ratio = saved["ratios_datamodule_over_llava"]["0"]
     assert ratio["samples_per_s"] > 0 and ratio["peak_pss"] > 0
+    # --quick checks that both loaders produce equal batches (up to order) before timing
+    assert saved["equal_batches"] == {"samples": 64, "batches": 8}

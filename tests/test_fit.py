@@ -139,7 +139,8 @@ def test_default_loggers_write_csv_tensorboard_and_throughput(
     args = micro_args(tmp_path, "mlp", steps=5)
     at = args.index("--trainer.logger")
     del args[at : at + 2]
-    main([*args, "--trainer.log_every_n_steps", "2"])
+    # unpacked, so that every batch holds exactly batch_size samples
+    main([*args, "--trainer.log_every_n_steps", "2", "--data.packing", "false"])
     version = tmp_path / "lightning_logs" / "version_0"
     rows = list(csv.DictReader((version / "metrics.csv").open()))
     columns = set(rows[0])
@@ -153,6 +154,17 @@ def test_default_loggers_write_csv_tensorboard_and_throughput(
         assert float(row["train/samples_per_sec"]) * per_step == pytest.approx(4.0)
         assert float(row["train/supervised_tokens_per_sec"]) > 0
     assert any(version.glob("events.out.tfevents.*")) == tensorboard_available()
+
+
+def test_throughput_counts_packed_samples_and_skips_padding_batches() -> None:
+    import torch
+
+    from vlm_lit.loggers import batch_samples
+
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    assert batch_samples({"input_ids": ids, "keys": ["a", "b", "c", "d", "e"]}) == 5
+    assert batch_samples({"input_ids": ids, "keys": ["a"], "is_padding": True}) == 0
+    assert batch_samples({"input_ids": ids}) == 2
 
 
 def test_module_entry_point_runs_as_documented(world_home: Path, tmp_path: Path) -> None:

@@ -322,3 +322,117 @@ def test_counter_merges_and_pickles() -> None:
     assert isinstance(clone, SampleCounter) and clone == {"ok": 5, "bad_image": 1, "bad_tar": 1}
     assert clone.problems() == {"bad_image": 1, "bad_tar": 1}
     assert clone.summary() == "ok=5; bad_image=1, bad_tar=1"
+
+
+def test_reorder_holds_undecoded_samples_and_keeps_the_order(tmp_path: Path) -> None:
+    import random
+
+    from vlm_lit.data.shards import RawSample
+    from vlm_lit.data.stream import shuffle_buffer
+
+    samples = list(make_synthetic_samples(30, seed=4))
+    write_shards(samples, tmp_path, max_samples_per_shard=8)
+    held: list[RawSample] = []
+
+    def buffer(raws):
+        for raw in shuffle_buffer(raws, 6, random.Random(7)):
+            held.append(raw)
+            yield raw
+
+    back, counter = _read(str(tmp_path), reorder=buffer)
+    # what the buffer holds is member bytes; images are decoded as samples leave it
+    assert all(
+        isinstance(r.json, bytes) and all(isinstance(i, bytes) for i in r.images) for r in held
+    )
+    assert all(isinstance(im, Image.Image) for s in back for im in s["images"])
+    # deferring the decoding does not change the shuffled order (same seed, same order)
+    decoded_first = shuffle_buffer(read_samples(str(tmp_path)), 6, random.Random(7))
+    assert [s["key"] for s in back] == [s["key"] for s in decoded_first]
+    assert counter == SampleCounter({"ok": 30})
+    by_key = {s["key"]: s for s in samples}
+    for got in back:
+        want = by_key[got["key"]]
+        assert [a.tobytes() for a in got["images"]] == [b.tobytes() for b in want["images"]]
+
+
+def test_bad_image_behind_a_buffer_is_counted_when_it_leaves(tmp_path: Path) -> None:
+    members = [("k.json", _sample_json("k")), ("k.0.png", b"\x89PNG\r\n\x1a\nnot really")]
+    members += [("b.json", _sample_json("b")), ("b.0.png", _png_header(100_000, 100_000))]
+    url = _tar(tmp_path / "bad.tar", _good("a") + members + _good("z"))
+    back, counter = _read(url, reorder=lambda raws: list(raws)[::-1])
+    assert [s["key"] for s in back] == ["z", "a"]
+    assert counter == SampleCounter({"ok": 2, "bad_image": 1, "image_too_large": 1})
+    with pytest.raises(ShardError) as info:
+        list(read_samples(url, strict=True, reorder=lambda raws: list(raws)[::-1]))
+    assert info.value.reason == "image_too_large" and info.value.key == "b"
+
+
+def test_json_brackets_inside_strings_are_not_nesting(tmp_path: Path) -> None:
+    text = "[{" * 100  # 200 opening brackets, all inside a string: depth stays 4
+    obj = json.loads(_sample_json("k", answer=text))
+    back, counter = _read(
+        _tar(tmp_path / "s.tar", [("k.json", json.dumps(obj).encode())] + [("k.0.png", _png())])
+    )
+    assert [s["key"] for s in back] == ["k"] and counter == SampleCounter({"ok": 1})
+    assert back[0]["messages"][1]["content"][0]["text"] == text
+
+
+def _format_tar(path: Path, fmt: int, members: list[tuple[str, bytes]], **extra) -> str:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for key, value in extra.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("dir", tarfile.DIRTYPE), ("link.json", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=str
+)
+def test_long_names_in_every_tar_format(tmp_path: Path, fmt: int) -> None:
+    """ustar splits a long path into prefix + name, GNU writes a long-name member, pax an
+    extended header (here with a non-ASCII path and pax mtime too)."""
+    folder = "deep/" * 25 + ("é" if fmt == tarfile.PAX_FORMAT else "e")  # > 100 characters
+    members = [(f"{folder}/{k}", data) for k, data in _good("one") + _good("two")]
+    extra = {"mtime": 1.5} if fmt == tarfile.PAX_FORMAT else {}
+    url = _format_tar(tmp_path / "long.tar", fmt, members, **extra)
+    back, counter = _read(url)
+    with tarfile.open(url) as tar:  # the standard library reads the same names
+        assert {m.name.rsplit(".", 1)[0] for m in tar if m.isfile()} == {
+            f"{folder}/one",
+            f"{folder}/one.0",
+            f"{folder}/two",
+            f"{folder}/two.0",
+        }
+    assert [s["key"] for s in back] == [f"{folder}/one", f"{folder}/two"]
+    assert counter == SampleCounter({"ok": 2, "ignored_member": 1})  # the symlink
+
+
+@pytest.mark.parametrize("where", ["checksum", "pax_record"])
+def test_garbled_header_mid_shard_is_bad_tar_not_a_short_shard(tmp_path: Path, where: str) -> None:
+    folder = "deep/" * 25  # > 100 characters: every member gets a pax header
+    members = [(f"{folder}{k}", d) for k, d in _good("a") + _good("b") + _good("c")]
+    url = _format_tar(tmp_path / "ok.tar", tarfile.PAX_FORMAT, members)
+    data = bytearray(Path(url).read_bytes())
+    with tarfile.open(url) as tar:
+        b_json = tar.getmembers()[2]
+    if where == "checksum":  # b.json's own header: the stored checksum no longer matches
+        data[b_json.offset_data - 512 + 200] ^= 0xFF
+    else:  # the record length of b.json's pax header ("NNN path=...") is not a number
+        pax_data = b_json.offset + 512  # b_json.offset is where its pax header starts
+        assert data[pax_data : pax_data + 3].isdigit()
+        data[pax_data : pax_data + 3] = b"zzz"
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(bytes(data))
+    back, counter = _read(str(broken))
+    # sample a is complete in the bytes, but nothing tells it had no further member
+    assert back == [] and counter == SampleCounter({"bad_tar": 1})
+    with pytest.raises(ShardError, match="bad_tar") as info:
+        list(read_samples(str(broken), strict=True))
+    assert info.value.key == f"{folder}a"

@@ -1,21 +1,34 @@
 """Benchmark: VLMDataModule vs a LLaVA-style map-style loader (samples/s and peak memory).
 
-Both read the same shapes-world samples, tokenize with the same tokenizer, transform images
-with the same ``ImageTransform`` and collate with the same function; only the data access
-differs: tar shards streamed by ``VLMDataModule`` vs LLaVA's whole-JSON-list-in-memory
-``Dataset`` that opens one PNG file per image with PIL. Every configuration runs in its own
-subprocess so peak memory (PSS of the process plus its DataLoader workers, sampled every
-50 ms) is not polluted by the previous one; ``--quick`` (a smoke run for tests) runs them
-in-process instead, so its memory figures are not comparable.
+Both read the same shapes-world samples (the same PNG bytes: written into the tar shards and
+as files), tokenize with the same preparer and tokenizer, transform images with the same
+``ImageTransform`` object and collate with the same function, in batches of the same size;
+only the data access differs: tar shards streamed by ``VLMDataModule`` vs LLaVA's
+whole-JSON-list-in-memory ``Dataset`` that opens one PNG file per image with PIL.
+``--check`` (always on with ``--quick``) first verifies that both produce equal batches up to
+order: the same samples with identical ``input_ids``, ``labels``, ``pixel_values``, ``meta``
+and ``messages``, the same batch count and layout.
 
-    python experiments/benchmarks/data_throughput.py [--quick] [--out results.json]
+Every configuration runs in its own subprocess so peak memory (PSS of the process plus its
+DataLoader workers, sampled every 50 ms while the loader is built and iterated) is not
+polluted by the previous one. ``loader_pss_mb`` is that peak minus the same process's PSS
+just before the loader is built (imports and tokenizer, identical on both sides): the memory
+the loader itself adds. ``cpu_seconds`` is the epoch's CPU time, workers included. Rounds
+(``--rounds``, default 4) alternate the order (A B, B A, ...) and the ratios are the median of
+per-round ratios. ``--quick`` (a smoke run for tests) runs in-process instead, so its memory
+figures are not comparable.
+
+    python experiments/benchmarks/data_throughput.py [--quick] [--check] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,24 +39,39 @@ from typing import Any
 
 IMAGE_SIZE = 64
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+KINDS = ("datamodule", "llava_map")
+SOURCE = "train"  # the DataModule's default source name, used by both sides
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from Linux /proc."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return [pid] + [p for child in children for p in _tree(child)]
 
 
 def _pss(pid: int) -> int:
     """Proportional set size (bytes) of ``pid`` plus its descendants, from Linux /proc.
 
     PSS, not RSS: forked DataLoader workers share the parent's pages copy-on-write, and RSS
-    would count those pages once per worker. Returns 0 where /proc is unavailable.
+    would count those pages once per worker. A worker forking or exiting while the processes
+    are read changes every share, so the sum could count shared pages twice: such a reading
+    is taken again. Returns 0 where /proc is unavailable.
     """
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            total = next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
-        children = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children += [int(c) for c in f.read().split()]
-    except (OSError, StopIteration, ValueError):  # the process (or a thread) just exited
-        return 0
-    return total + sum(_pss(child) for child in children)
+    for _ in range(10):
+        try:
+            pids = _tree(pid)
+            total = 0
+            for p in pids:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
+            if _tree(pid) == pids:
+                return total
+        except (OSError, StopIteration, ValueError):  # a process (or thread) just exited
+            continue
+    return 0
 
 
 class PeakMemory:
@@ -68,23 +96,32 @@ class PeakMemory:
         self.peak = max(self.peak, _pss(os.getpid()))
 
 
+def _png(image: Any) -> bytes:
+    """PNG bytes as ``write_shards`` encodes them by default (compress_level=1)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def prepare(root: Path, num_samples: int) -> None:
-    """Write the same samples as tar shards and as a LLaVA-style JSON list + PNG files."""
-    from vlm_lit.data.shards import write_shards
+    """Write the same samples, with the same PNG bytes, as tar shards and as a LLaVA-style
+    JSON list + PNG files."""
+    from vlm_lit.data.shards import EncodedImage, write_shards
     from vlm_lit.data.synthetic import make_synthetic_samples
 
-    samples = list(make_synthetic_samples(num_samples, image_size=IMAGE_SIZE))
-    write_shards(samples, root / "shards", max_samples_per_shard=max(num_samples // 8, 1))
     (root / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for sample in samples:
+    records, shard_samples = [], []
+    for sample in make_synthetic_samples(num_samples, image_size=IMAGE_SIZE):
+        encoded = [_png(image) for image in sample.get("images") or []]
         paths = []
-        for i, image in enumerate(sample.get("images") or []):
+        for i, data in enumerate(encoded):
             path = root / "images" / f"{sample['key']}_{i}.png"
-            image.save(path)
+            path.write_bytes(data)
             paths.append(str(path))
-        body = {k: sample[k] for k in ("messages", "document") if k in sample}
+        shard_samples.append({**sample, "images": [EncodedImage(d, "png") for d in encoded]})
+        body = {k: sample[k] for k in ("messages", "document", "meta") if k in sample}
         records.append({"id": sample["key"], "image": paths, **body})
+    write_shards(shard_samples, root / "shards", max_samples_per_shard=max(num_samples // 8, 1))
     (root / "llava.json").write_text(json.dumps(records))
 
 
@@ -102,28 +139,34 @@ class LlavaStyleDataset:
         from PIL import Image
 
         record = self.records[index]
-        sample = {k: record[k] for k in ("messages", "document") if k in record}
+        sample = {k: record[k] for k in ("messages", "document", "meta") if k in record}
         sample["images"] = [Image.open(path).convert("RGB") for path in record["image"]]
         sample["key"] = record["id"]
-        return self.prepare(sample, "llava")
+        return self.prepare(sample, SOURCE)
 
 
-def run_one(kind: str, workers: int, root: Path, batch_size: int, max_length: int) -> dict:
-    """Iterate one epoch with one loader; return samples, seconds and peak RSS."""
-    import torch
+def _tokenizer_and_transform() -> tuple[Any, Any]:
+    from vlm_lit.data.images import ImageTransform
+    from vlm_lit.data.tokenize import ensure_image_token
+    from vlm_lit.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ensure_image_token(tokenizer)
+    return tokenizer, ImageTransform(IMAGE_SIZE, MEAN, STD, mode="pad")
+
+
+def build_loader(
+    kind: str, workers: int, root: Path, batch_size: int, max_length: int, shared: tuple
+) -> Any:
+    """One epoch's loader over ``root``; ``shared`` = (tokenizer, transform), the same objects
+    and settings for both kinds."""
     from torch.utils.data import DataLoader
 
     from vlm_lit.data.collate import collate_examples
     from vlm_lit.data.datamodule import VLMDataModule
     from vlm_lit.data.example import ExamplePreparer
-    from vlm_lit.data.images import ImageTransform
-    from vlm_lit.data.tokenize import ensure_image_token
-    from vlm_lit.models.tiny import build_tiny_tokenizer
 
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    ensure_image_token(tokenizer)
-    transform = ImageTransform(IMAGE_SIZE, MEAN, STD, mode="pad")
+    tokenizer, transform = shared
     if kind == "datamodule":
         dm = VLMDataModule(
             train=str(root / "shards"),
@@ -131,32 +174,110 @@ def run_one(kind: str, workers: int, root: Path, batch_size: int, max_length: in
             num_workers=workers,
             max_length=max_length,
         )
-        dm.connect(tokenizer, image_size=IMAGE_SIZE, image_mean=MEAN, image_std=STD)
-        loader: Any = dm.train_dataloader()
-    else:
-        preparer = ExamplePreparer(tokenizer, transform, max_length=max_length)
-        args = preparer.collate_args()
-        loader = DataLoader(
-            LlavaStyleDataset(root / "llava.json", preparer),
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=workers,
-            collate_fn=lambda examples: collate_examples(examples, **args),
+        dm.connect(
+            tokenizer,
+            image_size=IMAGE_SIZE,
+            image_mean=MEAN,
+            image_std=STD,
+            image_transform=transform,
         )
+        return dm.train_dataloader()
+    preparer = ExamplePreparer(tokenizer, transform, max_length=max_length)
+    return DataLoader(
+        LlavaStyleDataset(root / "llava.json", preparer),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=functools.partial(collate_examples, **preparer.collate_args()),
+    )
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers are joined when
+    their epoch ends): less sensitive than wall time to other jobs on a shared machine."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_one(kind: str, workers: int, root: Path, batch_size: int, max_length: int) -> dict:
+    """Build one loader and iterate one epoch; return samples, seconds and peak PSS."""
+    import torch
+
+    torch.manual_seed(0)
+    shared = _tokenizer_and_transform()
+    baseline = _pss(os.getpid())
     samples = 0
     with PeakMemory() as memory:
         start = time.perf_counter()
+        loader = build_loader(kind, workers, root, batch_size, max_length, shared)
+        setup = time.perf_counter() - start
+        start, cpu = time.perf_counter(), _cpu_seconds()
         for batch in loader:
             samples += len(batch["keys"])
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     return {
         "loader": kind,
         "num_workers": workers,
         "samples": samples,
+        "setup_seconds": round(setup, 3),
         "seconds": round(seconds, 3),
         "samples_per_s": round(samples / seconds, 1),
+        "cpu_seconds": round(cpu, 3),
         "peak_pss_mb": round(memory.peak / 2**20, 1),
+        "loader_pss_mb": round((memory.peak - baseline) / 2**20, 1),
     }
+
+
+def _by_sample(loader: Any) -> tuple[dict[str, Any], list[tuple]]:
+    """Per-key sample contents and the sorted batch layouts of one epoch."""
+    samples: dict[str, Any] = {}
+    layouts = []
+    for batch in loader:
+        fields = tuple(sorted((k, str(getattr(v, "dtype", type(v)))) for k, v in batch.items()))
+        layouts.append((len(batch["keys"]), fields))
+        for row, key in enumerate(batch["keys"]):
+            length = int(batch["attention_mask"][row].sum())
+            samples[key] = (
+                batch["input_ids"][row, :length].tolist(),
+                batch["labels"][row, :length].tolist(),
+                batch["pixel_values"][batch["image_sample_index"] == row],
+                batch["meta"][row],
+                batch["messages"][row],
+                batch["sources"][row],
+            )
+    return samples, sorted(layouts)
+
+
+def check_equal_batches(root: Path, batch_size: int, max_length: int) -> dict[str, int]:
+    """Raise unless both loaders give equal batches up to order (same samples, identical
+    tokens, labels, pixels, meta and messages; same batch count and layout)."""
+    import torch
+
+    shared = _tokenizer_and_transform()
+    seen = {k: _by_sample(build_loader(k, 0, root, batch_size, max_length, shared)) for k in KINDS}
+    (dm, dm_layout), (llava, llava_layout) = seen["datamodule"], seen["llava_map"]
+    if set(dm) != set(llava) or dm_layout != llava_layout:
+        raise AssertionError(
+            f"different samples or batches: {len(dm)} vs {len(llava)} samples, "
+            f"{len(dm_layout)} vs {len(llava_layout)} batches"
+        )
+    for key, (ids, labels, pixels, *rest) in dm.items():
+        other = llava[key]
+        if ids != other[0] or labels != other[1] or rest != list(other[3:]):
+            raise AssertionError(f"sample {key!r}: tokens, labels, meta or messages differ")
+        if not torch.equal(pixels, other[2]):
+            raise AssertionError(f"sample {key!r}: pixel_values differ")
+    return {"samples": len(dm), "batches": len(dm_layout)}
+
+
+def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
+    """Median over rounds of datamodule / llava_map for ``field`` (pairs of the same round);
+    None when a llava_map value is not positive (in-process ``--quick`` memory deltas)."""
+    pair = {(r["round"], r["loader"]): r[field] for r in rows if r["num_workers"] == workers}
+    rounds = sorted({r for r, _ in pair})
+    if any(pair[r, "llava_map"] <= 0 for r in rounds):
+        return None
+    return round(statistics.median(pair[r, "datamodule"] / pair[r, "llava_map"] for r in rounds), 3)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,6 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="runs per configuration, order alternated"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="first verify both loaders give equal batches"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run (64 samples) for tests")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/data_throughput.json"))
     parser.add_argument(
@@ -177,44 +304,45 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         return result
     if args.quick:
-        args.num_samples, args.batch_size = 64, 8
+        args.num_samples, args.batch_size, args.rounds, args.check = 64, 8, 1, True
     rows = []
+    result: dict[str, Any] = {"num_samples": args.num_samples, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         prepare(Path(tmp), args.num_samples)
-        for workers in args.workers:
-            for kind in ("datamodule", "llava_map"):
-                if args.quick:  # imports cost more than the run; skip the subprocesses
-                    rows.append(run_one(kind, workers, Path(tmp), args.batch_size, args.max_length))
-                    continue
-                cmd = [sys.executable, __file__, "--one", kind, str(workers), tmp]
-                cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-    by = {(r["loader"], r["num_workers"]): r for r in rows}
+        if args.check:
+            result["equal_batches"] = check_equal_batches(
+                Path(tmp), args.batch_size, args.max_length
+            )
+            print(f"equal batches: {result['equal_batches']}")
+        for round_ in range(args.rounds):
+            for workers in args.workers:
+                for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
+                    if args.quick:  # imports cost more than the run; skip the subprocesses
+                        row = run_one(kind, workers, Path(tmp), args.batch_size, args.max_length)
+                    else:
+                        cmd = [sys.executable, __file__, "--one", kind, str(workers), tmp]
+                        cmd += ["--batch-size", str(args.batch_size)]
+                        cmd += ["--max-length", str(args.max_length)]
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                        row = json.loads(out.stdout.strip().splitlines()[-1])
+                    rows.append({"round": round_, **row})
+    fields = {"samples_per_s": "samples_per_s", "cpu_seconds": "cpu_seconds"}
+    fields.update(peak_pss="peak_pss_mb", loader_pss="loader_pss_mb")
     ratios = {
-        str(w): {
-            "samples_per_s": round(
-                by["datamodule", w]["samples_per_s"] / by["llava_map", w]["samples_per_s"], 3
-            ),
-            "peak_pss": round(
-                by["datamodule", w]["peak_pss_mb"] / by["llava_map", w]["peak_pss_mb"], 3
-            ),
-        }
+        str(w): {name: _median_ratio(rows, w, field) for name, field in fields.items()}
         for w in args.workers
     }
-    print(f"{'workers':>7} {'loader':>11} {'samples':>7} {'samples/s':>10} {'peak PSS MB':>12}")
+    columns = ("round", "num_workers", "loader", "samples", "setup_seconds", *fields.values())
+    print(" ".join(f"{c:>13}" for c in columns))
     for r in rows:
-        print(
-            f"{r['num_workers']:>7} {r['loader']:>11} {r['samples']:>7} "
-            f"{r['samples_per_s']:>10} {r['peak_pss_mb']:>12}"
-        )
+        print(" ".join(f"{r[c]!s:>13}" for c in columns))
     for w, ratio in ratios.items():
         print(
-            f"workers={w}: datamodule/llava_map speed x{ratio['samples_per_s']}, "
-            f"peak memory x{ratio['peak_pss']}"
+            f"workers={w}: datamodule/llava_map (median of {args.rounds} rounds) speed "
+            f"x{ratio['samples_per_s']} (CPU time x{ratio['cpu_seconds']}), peak memory "
+            f"x{ratio['peak_pss']}, loader memory x{ratio['loader_pss']}"
         )
-    result = {"num_samples": args.num_samples, "batch_size": args.batch_size, "rows": rows}
-    result["ratios_datamodule_over_llava"] = ratios
+    result.update(rounds=args.rounds, rows=rows, ratios_datamodule_over_llava=ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -29,6 +29,11 @@ from vlm_lit.data.tokenize import ensure_image_token
 log = logging.getLogger(__name__)
 
 
+def _as_is(batch: Batch) -> Batch:
+    """DataLoader ``collate_fn`` for a stream of collated batches (module level: picklable)."""
+    return batch
+
+
 class StreamLoader:
     """The iterable Lightning gets: a DataLoader over a stream, plus main-process work.
 
@@ -48,9 +53,14 @@ class StreamLoader:
             self.dataset.epoch = dm._current_epoch()
             skip = dm._take_resume_skip(self.dataset.epoch)
         # persistent_workers=False: workers are re-created each epoch, so they see the new
-        # epoch number (and with it the new shard order).
+        # epoch number (and with it the new shard order). The stream yields finished batches:
+        # _as_is spares DataLoader's default_convert walking every key, message and meta.
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=dm.num_workers, persistent_workers=False
+            self.dataset,
+            batch_size=None,
+            num_workers=dm.num_workers,
+            persistent_workers=False,
+            collate_fn=_as_is,
         )
         batches: Iterator[Batch] = iter(loader)
         if self.stage == "train":

@@ -44,7 +44,11 @@ class DecodeProblem(ValueError):
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """Decode PNG/JPEG/WebP bytes fully (mode unchanged); refuse oversized or corrupt images."""
+    """Decode PNG/JPEG/WebP bytes fully (mode unchanged); refuse oversized or corrupt images.
+
+    The declared size is checked against ``max_image_pixels`` from the header, before any
+    pixel is decoded.
+    """
     try:
         with warnings.catch_warnings():
             # The explicit pixel bound below replaces PIL's global bomb heuristic.
@@ -107,7 +111,10 @@ def decode_json(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
         raise DecodeProblem("json_too_deep", "nesting exceeds the parser's limit") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise DecodeProblem("invalid_json", str(exc)) from None
-    if json_depth(obj, limits.max_json_depth) > limits.max_json_depth:
+    # Nesting can be no deeper than the number of opening brackets (those inside strings
+    # only over-count), so the common shallow document skips the walk.
+    limit = limits.max_json_depth
+    if data.count(b"[") + data.count(b"{") > limit and json_depth(obj, limit) > limit:
         raise DecodeProblem("json_too_deep", f"nesting deeper than {limits.max_json_depth}")
     return obj
 

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +28,10 @@ from vlm_lit.data.tar_stream import expand_urls, iter_groups
 
 __all__ = [
     "EncodedImage",
+    "RawSample",
     "SampleCounter",
     "ShardError",
+    "decode_raw",
     "expand_urls",
     "read_samples",
     "sanitize_key",
@@ -161,10 +163,25 @@ def write_shards(
     return paths
 
 
-def _decode_group(
+@dataclass(frozen=True, slots=True)
+class RawSample:
+    """A checked sample still as member bytes: what a shuffle buffer holds.
+
+    `json` passed the size, depth and schema checks and `images` (in order) the member
+    checks (whitelisted extension, size, index, count). No pixel is decoded yet: `decode_raw`
+    does that, refusing a non-PNG/JPEG/WebP, oversized or corrupt image then.
+    """
+
+    key: str
+    url: str
+    json: bytes
+    images: tuple[bytes, ...]
+
+
+def _check_group(
     key: str, members: dict[str, bytes], limits: DecodeLimits, url: str, sink: ProblemSink
-) -> dict[str, Any]:
-    """Turn one member group into a sample; raises DecodeProblem when it is unusable."""
+) -> RawSample:
+    """Validate one member group without decoding pixels; raises DecodeProblem if unusable."""
     if "json" not in members:
         raise DecodeProblem("missing_json", f"members {sorted(members)} but no {key}.json")
     obj = decode_json(members["json"], limits)
@@ -189,15 +206,22 @@ def _decode_group(
         if index in found:
             raise DecodeProblem("duplicate_image", f"image {index} stored twice")
         found[index] = data
-    missing = sorted(set(range(num_images)) - set(found))
-    if missing:
+    if len(found) != num_images:  # indices are unique and below num_images: some are absent
+        missing = sorted(set(range(num_images)) - set(found))
         raise DecodeProblem("missing_image", f"image member(s) {missing} absent")
+    return RawSample(key, url, members["json"], tuple(found[i] for i in range(num_images)))
+
+
+def decode_raw(raw: RawSample, limits: DecodeLimits) -> dict[str, Any]:
+    """The sample of a checked `RawSample`, images decoded (whitelisted formats, pixel bound
+    from the header before any pixel); raises DecodeProblem (`bad_image`, `image_too_large`)."""
+    obj = json.loads(raw.json.decode("utf-8"))  # checked when the RawSample was made
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    sample: dict[str, Any] = {"key": key, "__url__": url, "meta": meta}
+    sample: dict[str, Any] = {"key": raw.key, "__url__": raw.url, "meta": meta}
     for field in ("messages", "document"):
         if field in obj:
             sample[field] = obj[field]
-    sample["images"] = [decode_image(found[i], limits) for i in range(num_images)]
+    sample["images"] = [decode_image(data, limits) for data in raw.images]
     return sample
 
 
@@ -210,11 +234,16 @@ def read_samples(
     max_image_pixels: int = 64_000_000,
     max_json_bytes: int = 8 << 20,
     max_json_depth: int = 64,
+    reorder: Callable[[Iterator[RawSample]], Iterable[RawSample]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield samples (`key`, `messages` or `document`, `images` as PIL, `meta`, `__url__`).
 
     Only json and png/jpeg/webp members are decoded. Broken samples are skipped and counted
     by reason in `counter` (tolerant) or raise `ShardError` naming shard and key (strict).
+
+    `reorder` (e.g. a shuffle buffer) is applied to the checked but undecoded `RawSample`s,
+    so what it holds is member bytes, not decoded images. Images are decoded as samples leave
+    it: a bad or oversized image is skipped and counted (or raises) at that point.
     """
     limits = DecodeLimits(
         max_image_pixels=max_image_pixels,
@@ -223,16 +252,25 @@ def read_samples(
     )
     local = SampleCounter()
     sink = ProblemSink(strict, [local] + ([counter] if counter is not None else []))
-    try:
+
+    def checked() -> Iterator[RawSample]:
         for url in expand_urls(urls, allow_pipe=allow_pipe):
             for key, members in iter_groups(url, sink, limits, allow_pipe=allow_pipe):
                 try:
-                    sample = _decode_group(key, members, limits, url, sink)
+                    yield _check_group(key, members, limits, url, sink)
                 except DecodeProblem as exc:
                     sink.problem(url, key, exc.reason, exc.detail)
-                    continue
-                sink.count(OK)
-                yield sample
+
+    try:
+        raws = checked()
+        for raw in raws if reorder is None else reorder(raws):
+            try:
+                sample = decode_raw(raw, limits)
+            except DecodeProblem as exc:
+                sink.problem(raw.url, raw.key, exc.reason, exc.detail)
+                continue
+            sink.count(OK)
+            yield sample
     finally:
         if local.problems():
             logger.warning("read_samples: %s", local.summary())

@@ -120,11 +120,16 @@ class TrainStream(IterableDataset):
         for rounds in itertools.count():
             rng = random.Random(f"samples/{tag}/{rounds}")
             order = shards if rounds == 0 else rng.sample(shards, len(shards))
+            # The buffer holds checked, still-encoded samples; images are decoded on the way out.
             read = read_samples(
-                order, strict=self.strict, counter=stats.reader, allow_pipe=self.allow_pipe
+                order,
+                strict=self.strict,
+                counter=stats.reader,
+                allow_pipe=self.allow_pipe,
+                reorder=lambda raws, rng=rng: shuffle_buffer(raws, self.shuffle_buffer, rng),
             )
             empty = True
-            for sample in shuffle_buffer(read, self.shuffle_buffer, rng):
+            for sample in read:
                 empty = False
                 yield sample
             if empty:

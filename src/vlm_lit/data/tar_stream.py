@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -105,28 +106,174 @@ def open_url(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
     return gopen(url, "rb")
 
 
-class _TailReader:
-    """Pass-through reader that remembers the bytes it returned last, to inspect the end."""
+_BLOCK = tarfile.BLOCKSIZE
+_FILE, _DIRECTORY, _OTHER = "file", "directory", "other"
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: no data
+_MAX_EXTENDED_BYTES = 1 << 20  # a pax or GNU long-name header larger than this is corrupt
 
-    def __init__(self, raw: IO[bytes], keep: int = 1 << 16) -> None:
-        self.raw, self.keep = raw, keep
-        self.pos = 0
-        self.tail = bytearray()
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.pos += len(data)
-        self.tail += data
-        if len(self.tail) > self.keep:
-            del self.tail[: -self.keep]
+def _number(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"invalid number field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The `path` and `size` of a pax header's `"<length> <keyword>=<value>\\n"` records,
+    and a `GNU.sparse` key if any record is about sparse files (nothing else is kept)."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:  # NUL padding may follow the last record
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if data[pos:space].isdigit() else 0
+        record = data[space + 1 : pos + length]
+        if space < 0 or length < 1 or pos + length > len(data) or record[-1:] != b"\n":
+            raise tarfile.ReadError(f"malformed pax record at byte {pos} of its header")
+        keyword, equals, value = record[:-1].partition(b"=")
+        if not equals:
+            raise tarfile.ReadError(f"malformed pax record at byte {pos} of its header")
+        if keyword in (b"path", b"size"):
+            records[keyword] = value
+        elif keyword.startswith(b"GNU.sparse."):
+            records[b"GNU.sparse"] = b""
+        pos += length
+    return records
+
+
+class _TarReader:
+    """Streaming tar reader: ustar/GNU headers, pax and GNU long names, checksums verified.
+
+    Lean on purpose (``tarfile``'s per-member cost was the reader's largest): ``next()``
+    returns ``(name, size, kind)`` with kind file / directory / other, or None at a clean
+    end-of-archive block; ``read()`` returns the current file's data, which is otherwise
+    skipped. A short read, bad checksum or malformed header raises ``tarfile.ReadError``,
+    so a truncated or garbled shard is never mistaken for a complete one. Sparse members
+    are "other" (never read).
+    """
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.offset = 0  # bytes consumed so far
+        self._pending = 0  # unread data + padding of the current member
+        self._size = 0
+        self._global: dict[bytes, bytes] = {}
+
+    def _fill(self, size: int) -> bytes:
+        """Up to ``size`` bytes: fewer only at the end of the stream."""
+        data = self.source.read(size)
+        while len(data) < size:
+            more = self.source.read(size - len(data))
+            if not more:
+                break
+            data += more
         return data
 
-    def block_at(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes:
-        """Bytes `[offset, offset + size)` of the stream (shorter if the stream ended)."""
-        while self.pos < offset + size and self.read(offset + size - self.pos):
-            pass
-        start = offset - (self.pos - len(self.tail))
-        return bytes(self.tail[max(start, 0) : max(start, 0) + size]) if start >= 0 else b""
+    def _read(self, size: int) -> bytes:
+        data = self._fill(size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data at byte {self.offset + len(data)}")
+        self.offset += size
+        return data
+
+    def _skip(self, size: int) -> None:
+        while size > 0:
+            chunk = self.source.read(min(size, 1 << 20))
+            if not chunk:
+                raise tarfile.ReadError(f"unexpected end of data at byte {self.offset}")
+            size -= len(chunk)
+            self.offset += len(chunk)
+
+    def _header(self) -> bytes | None:
+        block = self._fill(_BLOCK)
+        if not block and self.offset == 0:
+            return None  # an empty stream: an archive without members
+        if len(block) < _BLOCK:
+            # tarfile would stop here silently; a missing end-of-archive block is what tells
+            # a truncated shard from a complete one.
+            raise tarfile.ReadError(f"no end-of-archive block at byte {self.offset}")
+        self.offset += _BLOCK
+        if block.count(0) == _BLOCK:
+            return None
+        stored = _number(block[148:156])
+        unsigned = sum(block) - sum(block[148:156]) + 256
+        if stored != unsigned and stored != sum(struct.unpack("148b8x356b", block)) + 256:
+            raise tarfile.ReadError(f"bad header checksum at byte {self.offset - _BLOCK}")
+        return block
+
+    def next(self) -> tuple[str, int, str] | None:
+        """The next member's ``(name, size, kind)``; None once the archive ends cleanly."""
+        if self._pending:  # the previous member's data was not read
+            self._skip(self._pending)
+            self._pending = 0
+        local: dict[bytes, bytes] = {}
+        long_name: bytes | None = None
+        extended = False  # a pax / long-name header is waiting for its member
+        while True:
+            block = self._header()
+            if block is None:
+                if extended:
+                    raise tarfile.ReadError("archive ends after an extended header")
+                return None
+            kind, size = block[156:157], _number(block[124:136])
+            if size < 0:
+                raise tarfile.ReadError(f"negative member size at byte {self.offset - _BLOCK}")
+            if kind in (b"x", b"g", b"L", b"K"):
+                if size > _MAX_EXTENDED_BYTES:
+                    raise tarfile.ReadError(f"{size}-byte extended header")
+                data = self._read(size)
+                self._skip(-size % _BLOCK)
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0]
+                elif kind != b"K":
+                    (self._global if kind == b"g" else local).update(_pax_records(data))
+                extended = True
+                continue
+            break
+        if kind == b"S":  # old GNU sparse: extension blocks follow while "isextended" is set
+            more = block[482]
+            while more:
+                extension = self._read(_BLOCK)
+                more = extension[504]
+        pax = {**self._global, **local}
+        if b"path" in pax:
+            name = pax[b"path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = block[:100].split(b"\0", 1)[0]
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix and kind != b"S":
+                name = prefix + b"/" + name
+        if b"size" in pax:
+            if not pax[b"size"].isdigit():
+                raise tarfile.ReadError(f"invalid pax size {pax[b'size']!r}")
+            size = int(pax[b"size"])
+        text = name.decode("utf-8", "surrogateescape")
+        if kind in (b"0", b"7") or (kind == b"\0" and not text.endswith("/")):
+            member = _OTHER if b"GNU.sparse" in pax else _FILE
+        elif kind in (b"5", b"\0"):
+            member, text = _DIRECTORY, text.rstrip("/")
+        else:
+            member = _OTHER
+        carries_data = kind not in _NO_DATA_TYPES and member != _DIRECTORY
+        self._size = size
+        self._pending = size + (-size % _BLOCK) if carries_data else 0
+        return text, size, member
+
+    def read(self) -> bytes:
+        """The data of the member ``next()`` returned last (call once, for a file)."""
+        size, pending, self._pending = self._size, self._pending, 0
+        if size > 1 << 20:  # large: no second copy to cut the padding off
+            data = self._read(size)
+            self._skip(pending - size)
+            return data
+        data = self._read(pending)  # small: data and padding in one read call
+        return data if pending == size else data[:size]
 
 
 class _Prefixed:
@@ -178,19 +325,13 @@ def iter_groups(
         source: IO[bytes] = _Prefixed(head, raw)  # type: ignore[assignment]
         if head == b"\x1f\x8b":  # gzip magic: decompress first so tar offsets line up
             source = gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[arg-type]
-        tail = _TailReader(source)
-        try:
-            archive = tarfile.open(fileobj=tail, mode="r|")  # type: ignore[call-overload]
-        except tarfile.ReadError as exc:
-            reason = "empty_shard" if tail.pos == 0 else "bad_tar"
-            sink.problem(url, None, reason, f"not a readable tar: {exc}")
-            return
-        for info in archive:
-            archive.members.clear()  # streaming: do not keep every TarInfo in memory
-            split = _split_name(info.name) if info.isfile() else None
+        archive = _TarReader(source)
+        while (member := archive.next()) is not None:
+            name, size, kind = member
+            split = _split_name(name) if kind == _FILE else None
             if split is None:
-                if not info.isdir():
-                    sink.problem(url, None, "ignored_member", f"unusable member {info.name!r}")
+                if kind != _DIRECTORY:
+                    sink.problem(url, None, "ignored_member", f"unusable member {name!r}")
                 continue
             member_key, suffix = split
             if member_key != key:
@@ -205,25 +346,20 @@ def iter_groups(
                 seen.add(member_key)
             ext = suffix.rsplit(".", 1)[-1].lower()
             if ext not in ALLOWED_EXTENSIONS:
-                sink.problem(url, key, "ignored_member", f"{info.name!r} is never decoded")
+                sink.problem(url, key, "ignored_member", f"{name!r} is never decoded")
                 continue
             limit = limits.max_json_bytes if ext in TEXT_EXTENSIONS else limits.max_member_bytes
-            if info.size > limit:
+            if size > limit:
                 reason = {"json": "json_too_large", "txt": "text_too_large"}.get(
                     ext, "member_too_large"
                 )
-                bad = bad or (reason, f"{info.name!r} is {info.size} bytes > {limit}")
+                bad = bad or (reason, f"{name!r} is {size} bytes > {limit}")
                 continue
             if suffix in members:
-                bad = bad or ("duplicate_key", f"member {info.name!r} appears twice")
+                bad = bad or ("duplicate_key", f"member {name!r} appears twice")
                 continue
             if bad is None:
-                members[suffix] = archive.extractfile(info).read()  # type: ignore[union-attr]
-        end = tail.block_at(archive.offset)
-        if len(end) < tarfile.BLOCKSIZE or any(end):
-            # tarfile stops silently on a short or garbled header; the missing end-of-archive
-            # block is what tells a truncated shard from a complete one.
-            raise tarfile.ReadError(f"no end-of-archive marker at byte {archive.offset}")
+                members[suffix] = archive.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         sink.problem(url, key, "bad_tar", f"truncated or corrupt tar ({exc}); rest skipped")
         return
