@@ -17,7 +17,8 @@ def test_default_mlp_run_beats_blank_image_and_majority(tmp_path: Path) -> None:
     the cached (or freshly built) shapes world. Uses $VLM_LIT_HOME like a user's run."""
     main(["--connector", "mlp", "--trainer.default_root_dir", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["val/num_scored"] >= 200
+    # 300 generation samples, of which the scorable questions (captions/documents are not)
+    assert metrics["val/num_scored"] >= 150
     # The image must matter: clearly above the same questions asked with a blank image...
     assert metrics["val/acc"] >= metrics["val/acc_blank_image"] + 0.10, metrics
     # ...and above answering every question with its task's most frequent answer.
