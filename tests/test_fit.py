@@ -97,6 +97,17 @@ def test_print_config_shows_short_flags_applied(capsys: pytest.CaptureFixture[st
     assert "val_generation_subset: 37" in out
 
 
+def test_eval_num_samples_in_a_config_file_sets_the_generation_subset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  num_samples: 41\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "val_generation_subset: 41" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=[p.name for p in EXPERIMENT_YAMLS])
 def test_every_experiment_yaml_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

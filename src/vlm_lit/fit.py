@@ -157,6 +157,9 @@ def _preparse(argv: list[str]) -> argparse.Namespace:
         for key in ("connector", "freeze", "seed"):
             if getattr(known, key) is None and isinstance(data, dict) and key in data:
                 setattr(known, key, data[key])
+        evaluation = data.get("eval") if isinstance(data, dict) else None
+        if known.eval_num_samples is None and isinstance(evaluation, dict):
+            known.eval_num_samples = evaluation.get("num_samples")
     known.connector = known.connector or "mlp"
     if known.connector not in CONNECTORS:
         raise SystemExit(
