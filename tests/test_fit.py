@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from vlm_lit.fit import main
+from vlm_lit.fit import DEFAULT_CONFIG, default_config_files, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # fit configs only: experiments/grids/ holds ablation grids (parsed by tests/test_ablate.py)
@@ -95,6 +96,28 @@ def test_print_config_shows_short_flags_applied(capsys: pytest.CaptureFixture[st
     assert "freeze: lora" in out
     assert "seed_everything: 7" in out
     assert "val_generation_subset: 37" in out
+
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer", "flamingo"])
+def test_embedded_recipe_applies_the_family_overrides(
+    connector: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = default_config_files(connector)
+    assert files[0] == DEFAULT_CONFIG and all(f.is_file() for f in files)
+    own: dict = {}
+    for f in files[1:]:
+        own.update(yaml.safe_load(f.read_text())["model"])
+    with pytest.raises(SystemExit):
+        main(["--connector", connector, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 800  # the shared recipe still applies
+    for key, value in own.items():  # ... and the family's own file on top of it
+        assert printed["model"][key] == value, key
+    if connector == "flamingo":
+        assert printed["model"]["lr_gates"] == 5e-2
+    with pytest.raises(SystemExit):  # a flag still wins over both files
+        main(["--connector", connector, "--model.lr_gates", "0.01", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["lr_gates"] == 0.01
 
 
 def test_eval_num_samples_in_a_config_file_sets_the_generation_subset(

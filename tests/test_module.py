@@ -147,6 +147,34 @@ def test_optimizer_groups_rates_and_no_decay() -> None:
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
 
 
+def test_flamingo_gates_get_their_own_rate_only_when_asked() -> None:
+    gates = {"alpha_attn", "alpha_ff"}
+
+    def groups_of(**kwargs: float) -> dict[str, list[str]]:
+        module = tiny("flamingo", freeze="align", lr_connector=1e-3, **kwargs)
+        module.trainer = None
+        module.hparams.max_steps = 10
+        names = {id(p): n for n, p in module.model.named_parameters()}
+        optimizer = module.configure_optimizers()["optimizer"]
+        return {
+            g["name"]: (g["lr"], [names[id(p)] for p in g["params"]])
+            for g in optimizer.param_groups
+        }
+
+    default = groups_of()
+    assert "gates" not in default
+    lr, members = default["connector_no_decay"]
+    assert lr == 1e-3 and any(n.rsplit(".", 1)[-1] in gates for n in members)
+    split = groups_of(lr_gates=5e-2)
+    lr, members = split["gates"]
+    assert lr == 5e-2 and members and all(n.rsplit(".", 1)[-1] in gates for n in members)
+    assert len(members) == 2 * len(tiny("flamingo").model.connector.xattn)
+    assert not any(
+        n.rsplit(".", 1)[-1] in gates for g, (_, ns) in split.items() if g != "gates" for n in ns
+    )
+    assert split["connector"][0] == 1e-3
+
+
 def test_warmup_cosine_schedule() -> None:
     f = warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
     assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]

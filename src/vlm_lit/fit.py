@@ -30,6 +30,13 @@ from vlm_lit.reliability import (
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shapes_default.yaml"
 
 
+def default_config_files(family: str) -> list[Path]:
+    """The embedded recipe: ``shapes_default.yaml``, then the family's own overrides
+    (``shapes_default_<family>.yaml``) when it has some."""
+    own = DEFAULT_CONFIG.with_name(f"shapes_default_{family}.yaml")
+    return [DEFAULT_CONFIG] + ([own] if own.is_file() else [])
+
+
 class FitCLI(LightningCLI):
     """LightningCLI plus the short flags, the embedded world and the end-of-run files."""
 
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     embedded = not any(a == "--config" or a.startswith(("--config=", "--data.train")) for a in argv)
     parser_kwargs: dict[str, Any] = {"description": __doc__}
     if embedded:
-        parser_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
+        parser_kwargs["default_config_files"] = [str(p) for p in default_config_files(known.connector)]
     cli = FitCLI(
         model_class=CONNECTORS[known.connector],
         datamodule_class=VLMDataModule,

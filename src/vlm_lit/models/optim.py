@@ -13,6 +13,7 @@ from vlm_lit.models.base import BaseVLM
 #: Name fragments of parameters that never get weight decay: normalisation layers, Flamingo's
 #: tanh gates (decay would pull them back to the closed-gate identity) and embeddings.
 _NO_DECAY_FRAGMENTS: tuple[str, ...] = ("norm", "alpha_", "embed", "ln_")
+_GATE_PREFIX = "alpha_"
 
 
 def no_weight_decay(name: str, param: nn.Parameter, embedding_ids: set[int]) -> bool:
@@ -30,18 +31,26 @@ def no_weight_decay(name: str, param: nn.Parameter, embedding_ids: set[int]) -> 
     )
 
 
+def is_gate(name: str) -> bool:
+    """Whether ``name`` is one of Flamingo's tanh gate scalars (``...alpha_attn/alpha_ff``)."""
+    return name.rsplit(".", 1)[-1].startswith(_GATE_PREFIX)
+
+
 def build_optimizer(
     model: BaseVLM,
     lrs: dict[str, float],
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     new_rows_lr: float | None = None,
+    gates_lr: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with a group per (component, decay) pair, named ``<component>[_no_decay]``.
 
     Embedding matrices that only train their new rows (``model.trainable_rows``) go to a
     ``new_rows`` group at ``new_rows_lr``: they belong to what the connector stage aligns.
-    Frozen parameters are left out.
+    Flamingo's tanh gates (``alpha_*`` scalars) go to a ``gates`` group at ``gates_lr`` when
+    it is given (else they stay in the connector's no-decay group). Frozen parameters are
+    left out.
     """
     lm = model.language_model
     embedding_ids = {
@@ -61,6 +70,8 @@ def build_optimizer(
             seen.add(id(param))
             if name in row_names:
                 key, lr, decay = "new_rows", new_rows_lr or lrs[component], 0.0
+            elif gates_lr is not None and is_gate(name):
+                key, lr, decay = "gates", gates_lr, 0.0
             elif no_weight_decay(name, param, embedding_ids):
                 key, lr, decay = f"{component}_no_decay", lrs[component], 0.0
             else:
