@@ -113,10 +113,19 @@ def test_sweeps_bundles_and_config_merge(tmp_path: Path) -> None:
     # no base config files: the embedded default recipe is the base
     import yaml
 
-    from vlm_lit.ablation.config import DEFAULT_CONFIG
+    from vlm_lit.configs import DEFAULT_CONFIG
 
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert config["data"]["batch_size"] == default["data"]["batch_size"]
+    assert "lr_gates" not in config["model"]  # mlp has no override file
+    # ... and each arm gets its own family's overrides on top, as `fit --connector` does
+    flamingo = arm_config(grid, grid.arms()[2], tmp_path / "run")
+    assert flamingo["model"]["lr_gates"] == 5e-2
+    assert flamingo["data"]["batch_size"] == default["data"]["batch_size"]
+    with_base = Grid.from_dict(
+        {"base": {"config": str(DEFAULT_CONFIG)}, "axes": {"connector": ["flamingo"]}}
+    )
+    assert "lr_gates" not in arm_config(with_base, with_base.arms()[0], tmp_path)["model"]
 
 
 def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
@@ -146,7 +155,7 @@ def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_default_base_is_the_fit_default() -> None:
-    from vlm_lit.ablation.config import DEFAULT_CONFIG
+    from vlm_lit.configs import DEFAULT_CONFIG
     from vlm_lit.fit import DEFAULT_CONFIG as FIT_DEFAULT
 
     assert DEFAULT_CONFIG == FIT_DEFAULT.resolve() and DEFAULT_CONFIG.is_file()

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from vlm_lit.configs import DEFAULT_CONFIG, default_config_files  # noqa: F401 (re-exported)
 from vlm_lit.data.datamodule import VLMDataModule
 from vlm_lit.eval.callback import GenerationEvalCallback
 from vlm_lit.loggers import ThroughputLogger, default_loggers
@@ -25,16 +26,6 @@ from vlm_lit.reliability import (
     check_backbone_paths,
     use_atomic_checkpoints,
 )
-
-#: Used when neither ``--config`` nor ``--data.train`` is given: the shapes-world recipe.
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shapes_default.yaml"
-
-
-def default_config_files(family: str) -> list[Path]:
-    """The embedded recipe: ``shapes_default.yaml``, then the family's own overrides
-    (``shapes_default_<family>.yaml``) when it has some."""
-    own = DEFAULT_CONFIG.with_name(f"shapes_default_{family}.yaml")
-    return [DEFAULT_CONFIG] + ([own] if own.is_file() else [])
 
 
 class FitCLI(LightningCLI):
@@ -220,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     embedded = not any(a == "--config" or a.startswith(("--config=", "--data.train")) for a in argv)
     parser_kwargs: dict[str, Any] = {"description": __doc__}
     if embedded:
-        parser_kwargs["default_config_files"] = [str(p) for p in default_config_files(known.connector)]
+        parser_kwargs["default_config_files"] = [
+            str(p) for p in default_config_files(known.connector)
+        ]
     cli = FitCLI(
         model_class=CONNECTORS[known.connector],
         datamodule_class=VLMDataModule,

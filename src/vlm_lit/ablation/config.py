@@ -10,10 +10,7 @@ from typing import Any
 import yaml
 
 from vlm_lit.ablation.grid import Arm, Grid
-
-#: The embedded default recipe (``vlm_lit.fit.DEFAULT_CONFIG``), found without importing the
-#: trainer so that listing a grid stays instant.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_default.yaml"
+from vlm_lit.configs import default_config_files
 
 #: Keys the runner owns (paths of this run); ignored when comparing a finished arm's config.
 RUNNER_KEYS: tuple[str, ...] = ("trainer.default_root_dir", "trainer.logger")
@@ -84,10 +81,13 @@ def csv_logger(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def base_config(grid: Grid) -> dict[str, Any]:
-    """The grid's config files merged in order (none given: the embedded default recipe)."""
+def base_config(grid: Grid, connector: str | None = None) -> dict[str, Any]:
+    """The grid's config files merged in order; none given: the embedded default recipe of
+    ``connector`` (the grid's base connector when None), as ``vlm_lit.fit`` would use it."""
+    if connector is None:
+        connector = str(nest(grid.base_settings).get("connector", "mlp"))
     merged: dict[str, Any] = {}
-    for path in grid.base_configs or [DEFAULT_CONFIG]:
+    for path in grid.base_configs or default_config_files(connector):
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"base.config {path} of grid {grid.name!r} is not a YAML mapping")
@@ -104,7 +104,9 @@ def arm_config(
     ``overrides`` (the runner's ``--max-steps`` / ``--world`` / ``--set``), then the run's
     own directory and a CSVLogger there (the loss curves are read from its ``metrics.csv``).
     """
-    config = deep_merge(base_config(grid), nest(arm.settings))
+    settings = nest(arm.settings)
+    connector = settings.get("connector", nest(grid.base_settings).get("connector", "mlp"))
+    config = deep_merge(base_config(grid, str(connector)), settings)
     config["seed"] = arm.seed
     config = deep_merge(config, nest(overrides or {}))
     run = {"trainer": {"default_root_dir": str(run_dir), "logger": csv_logger(run_dir)}}
