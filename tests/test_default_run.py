@@ -12,10 +12,12 @@ from vlm_lit.fit import main
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_default_mlp_run_beats_blank_image_and_majority(tmp_path: Path) -> None:
-    """`python -m vlm_lit.fit --connector mlp` with nothing else: the full default recipe on
-    the cached (or freshly built) shapes world. Uses $VLM_LIT_HOME like a user's run."""
-    main(["--connector", "mlp", "--trainer.default_root_dir", str(tmp_path)])
+@pytest.mark.parametrize("connector", ["mlp", "qformer", "flamingo"])
+def test_default_run_beats_blank_image_and_majority(tmp_path: Path, connector: str) -> None:
+    """`python -m vlm_lit.fit --connector NAME` with nothing else: the full default recipe
+    (with the family's own overrides) on the cached (or freshly built) shapes world. Uses
+    $VLM_LIT_HOME like a user's run."""
+    main(["--connector", connector, "--trainer.default_root_dir", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # 300 generation samples, of which the scorable questions (captions/documents are not)
     assert metrics["val/num_scored"] >= 150

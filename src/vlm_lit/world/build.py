@@ -75,9 +75,13 @@ PROFILES: dict[str, dict[str, int]] = {
 
 
 #: Connector sizes matched to the world's tiny backbones (9 patches of width 128, LM width 128).
+#: The 2-layer Q-Former cross-attends in both layers: with BLIP-2's every-other-layer default
+#: only its first layer reads the image, and the default run's colour accuracy stayed at the
+#: constant-answer rate (0.28, against 0.45 with both layers reading it; measured).
 WORLD_CONNECTORS: dict[str, dict[str, Any]] = {
     "mlp": {},
-    "qformer": {"num_queries": 16, "hidden_size": 128, "num_layers": 2, "num_heads": 4},
+    "qformer": {"num_queries": 16, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                "cross_attention_frequency": 1},
     "flamingo": {"num_latents": 16, "resampler_depth": 1, "resampler_heads": 4,
                  "xattn_heads": 4, "cross_attn_every": 1, "ff_mult": 2},
 }
