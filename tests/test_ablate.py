@@ -117,15 +117,17 @@ def test_sweeps_bundles_and_config_merge(tmp_path: Path) -> None:
 
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert config["data"]["batch_size"] == default["data"]["batch_size"]
-    assert "lr_gates" not in config["model"]  # mlp has no override file
+    assert "gate_init" not in config["model"]["connector_kwargs"]  # mlp: no override file
     # ... and each arm gets its own family's overrides on top, as `fit --connector` does
     flamingo = arm_config(grid, grid.arms()[2], tmp_path / "run")
-    assert flamingo["model"]["lr_gates"] == 5e-2
+    kwargs = flamingo["model"]["connector_kwargs"]
+    assert kwargs["gate_init"] == 0.1 and kwargs["gated"] is True and kwargs["depth"] == 2
     assert flamingo["data"]["batch_size"] == default["data"]["batch_size"]
     with_base = Grid.from_dict(
         {"base": {"config": str(DEFAULT_CONFIG)}, "axes": {"connector": ["flamingo"]}}
     )
-    assert "lr_gates" not in arm_config(with_base, with_base.arms()[0], tmp_path)["model"]
+    with_base_config = arm_config(with_base, with_base.arms()[0], tmp_path)
+    assert "connector_kwargs" not in with_base_config.get("model", {})
 
 
 def test_grid_errors_name_the_problem(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlm_lit.ablation.config import flatten
 from vlm_lit.fit import DEFAULT_CONFIG, default_config_files, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,15 +107,16 @@ def test_embedded_recipe_applies_the_family_overrides(
     assert files[0] == DEFAULT_CONFIG and all(f.is_file() for f in files)
     own: dict = {}
     for f in files[1:]:
-        own.update(yaml.safe_load(f.read_text())["model"])
+        own.update(flatten(yaml.safe_load(f.read_text())["model"]))
     with pytest.raises(SystemExit):
         main(["--connector", connector, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_steps"] == 800  # the shared recipe still applies
+    model = flatten(printed["model"])
     for key, value in own.items():  # ... and the family's own file on top of it
-        assert printed["model"][key] == value, key
+        assert model[key] == value, key
     if connector == "flamingo":
-        assert printed["model"]["lr_gates"] == 5e-2
+        assert model["connector_kwargs.gate_init"] == 0.1
     with pytest.raises(SystemExit):  # a flag still wins over both files
         main(["--connector", connector, "--model.lr_gates", "0.01", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["lr_gates"] == 0.01

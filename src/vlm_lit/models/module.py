@@ -59,9 +59,9 @@ class VLMModule(L.LightningModule):
         lr_gates: Flamingo only: peak learning rate of the tanh gates; ``None`` trains them
             at ``lr_connector``. A closed gate (alpha = 0) passes no gradient to the block
             behind it, and the gate's own gradient is noise until that block is useful, so
-            at the same small learning rate the gates can stay near 0 for a whole short run
-            (measured on the shapes world: |alpha| < 0.01 after 800 steps at 2e-3); a larger
-            gate rate lets them open while the model still starts as the exact LM.
+            in a short run the gates can stay closed (shapes world, 800 steps at 2e-3:
+            |alpha| < 0.01). A larger gate rate makes them wander further (at 5e-2 a gate
+            opened in one run of two); ``gate_init`` > 0 was the reliable fix there.
         weight_decay: AdamW decay of matrices; never applied to norms, biases, gates and
             embedding rows.
         betas: AdamW betas.
