@@ -16,7 +16,8 @@ from vlm_lit.fit import DEFAULT_CONFIG, default_config_files, main
 ROOT = Path(__file__).resolve().parents[1]
 # fit configs only: experiments/grids/ holds ablation grids (parsed by tests/test_ablate.py)
 EXPERIMENT_YAMLS = sorted(
-    p for p in (ROOT / "experiments").rglob("*.yaml")
+    p
+    for p in (ROOT / "experiments").rglob("*.yaml")
     if "grids" not in p.relative_to(ROOT / "experiments").parts
 )
 
@@ -88,8 +89,17 @@ def test_bad_flag_is_a_parse_error(capsys: pytest.CaptureFixture[str]) -> None:
 def test_print_config_shows_short_flags_applied(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(
-            ["--connector", "qformer", "--freeze", "lora", "--seed", "7",
-             "--eval.num_samples", "37", "--print_config"]
+            [
+                "--connector",
+                "qformer",
+                "--freeze",
+                "lora",
+                "--seed",
+                "7",
+                "--eval.num_samples",
+                "37",
+                "--print_config",
+            ]
         )
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
@@ -253,9 +263,25 @@ def test_init_from_other_family_is_refused(world_home: Path, tmp_path: Path) -> 
 def test_recipe_yaml_with_world_parts_runs(world_home: Path, tmp_path: Path) -> None:
     """A recipe naming `shapes-world:align` / `shapes-world:val` resolves and trains."""
     recipe = ROOT / "experiments" / "recipes" / "mlp_align.yaml"
-    main(["--config", str(recipe), "--world", "micro", "--trainer.max_steps", "1",
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-          "--data.batch_size", "4", "--data.val_generation_subset", "4",
-          "--eval.max_new_tokens", "2"])
+    main(
+        [
+            "--config",
+            str(recipe),
+            "--world",
+            "micro",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--data.batch_size",
+            "4",
+            "--data.val_generation_subset",
+            "4",
+            "--eval.max_new_tokens",
+            "2",
+        ]
+    )
     config = (tmp_path / "config.yaml").read_text()
     assert "shapes-world:" not in config and "/align/" in config

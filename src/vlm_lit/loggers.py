@@ -35,8 +35,11 @@ def default_loggers(root: str | Path, name: str = "lightning_logs") -> list[Logg
     loggers: list[Logger] = [csv]
     if tensorboard_available():
         # same version folder: one directory per run holds metrics.csv and the event files
-        loggers.append(TensorBoardLogger(save_dir=str(root), name=name, version=csv.version,
-                                         default_hp_metric=False))
+        loggers.append(
+            TensorBoardLogger(
+                save_dir=str(root), name=name, version=csv.version, default_hp_metric=False
+            )
+        )
     return loggers
 
 

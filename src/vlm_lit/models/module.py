@@ -335,8 +335,12 @@ class VLMModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "connect"):
             if getattr(datamodule, "tokenizer", None) is None:
                 tower = self.model.vision
-                datamodule.connect(self.tokenizer, image_size=tower.image_size,
-                                   image_mean=tower.image_mean, image_std=tower.image_std)
+                datamodule.connect(
+                    self.tokenizer,
+                    image_size=tower.image_size,
+                    image_mean=tower.image_mean,
+                    image_std=tower.image_std,
+                )
 
     def on_fit_start(self) -> None:
         """Re-arm new-row gradient masks; print and log parameter counts per component."""

@@ -80,10 +80,21 @@ PROFILES: dict[str, dict[str, int]] = {
 #: constant-answer rate (0.28, against 0.45 with both layers reading it; measured).
 WORLD_CONNECTORS: dict[str, dict[str, Any]] = {
     "mlp": {},
-    "qformer": {"num_queries": 16, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
-                "cross_attention_frequency": 1},
-    "flamingo": {"num_latents": 16, "resampler_depth": 1, "resampler_heads": 4,
-                 "xattn_heads": 4, "cross_attn_every": 1, "ff_mult": 2},
+    "qformer": {
+        "num_queries": 16,
+        "hidden_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "cross_attention_frequency": 1,
+    },
+    "flamingo": {
+        "num_latents": 16,
+        "resampler_depth": 1,
+        "resampler_heads": 4,
+        "xattn_heads": 4,
+        "cross_attn_every": 1,
+        "ff_mult": 2,
+    },
 }
 
 
