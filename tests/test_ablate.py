@@ -308,7 +308,8 @@ def test_subprocess_mode_hands_out_devices(tmp_path: Path, monkeypatch: pytest.M
     """--processes/--devices: every arm runs once, each with one of the listed devices."""
     seen: list[tuple[str, str | None]] = []
 
-    def fake_subprocess(config_path: Path, device: str | None) -> None:
+    def fake_subprocess(config_path: Path, device: str | None, processes: int = 1) -> None:
+        assert processes == 2
         seen.append((config_path.parent.parent.name, device))
         run = config_path.parent
         (run / "logs").mkdir()
@@ -329,6 +330,19 @@ def test_subprocess_mode_hands_out_devices(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(name for name, _ in seen) == sorted(a.name for a in grid.arms())
     assert {device for _, device in seen} <= {"0", "1"}
     assert len(read_rows(tmp_path / "results.csv")) == 3
+
+
+def test_concurrent_cpu_arms_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_module.os, "cpu_count", lambda: 8)
+    env = runner_module.subprocess_env(None, processes=2, environ={"PATH": "/bin"})
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4" and env["PATH"] == "/bin"
+    assert runner_module.subprocess_env(None, 16, environ={})["OMP_NUM_THREADS"] == "1"
+    # one arm at a time, a GPU per arm, or the user's own setting: left alone
+    assert "OMP_NUM_THREADS" not in runner_module.subprocess_env(None, 1, environ={})
+    gpu = runner_module.subprocess_env("1", 2, environ={})
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "1" and "OMP_NUM_THREADS" not in gpu
+    own = runner_module.subprocess_env(None, 2, environ={"OMP_NUM_THREADS": "3"})
+    assert own["OMP_NUM_THREADS"] == "3" and "MKL_NUM_THREADS" not in own
 
 
 def readme_commands() -> list[list[str]]:

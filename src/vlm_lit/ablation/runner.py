@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -127,10 +128,28 @@ def _fit_in_process(config_path: Path, device: str | None) -> None:
         sys.argv = saved
 
 
-def _fit_subprocess(config_path: Path, device: str | None) -> None:
-    env = dict(os.environ)
+THREAD_VARIABLES: tuple[str, ...] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def subprocess_env(device: str | None, processes: int, environ: Any = None) -> dict[str, str]:
+    """The environment of one arm's ``vlm_lit.fit`` subprocess.
+
+    ``device`` becomes ``CUDA_VISIBLE_DEVICES``. On a CPU (no device), concurrent arms share
+    the cores: each gets ``cpu_count // processes`` threads (at least 1) unless the user set
+    ``OMP_NUM_THREADS`` already. Without it every arm would start one thread per core, and
+    two 2-thread trainings on 2 cores run several times slower than two 1-thread ones.
+    """
+    env = dict(os.environ if environ is None else environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
+    elif processes > 1 and "OMP_NUM_THREADS" not in env:
+        threads = str(max(1, (os.cpu_count() or 1) // processes))
+        env.update({name: threads for name in THREAD_VARIABLES if name not in env})
+    return env
+
+
+def _fit_subprocess(config_path: Path, device: str | None, processes: int = 1) -> None:
+    env = subprocess_env(device, processes)
     log_path = config_path.parent / "fit.log"
     with log_path.open("w") as log:
         proc = subprocess.run(
@@ -198,7 +217,9 @@ def run_grid(
     devices: queue.Queue[str | None] = queue.Queue()
     for i in range(options.processes):
         devices.put(options.devices[i % len(options.devices)] if options.devices else None)
-    fit_fn = _fit_subprocess if options.use_subprocesses else _fit_in_process
+    fit_fn: Callable[[Path, str | None], None] = _fit_in_process
+    if options.use_subprocesses:
+        fit_fn = functools.partial(_fit_subprocess, processes=options.processes)
 
     def one(item: tuple[Arm, Path, dict[str, Any]]) -> ArmOutcome:
         arm, run_dir, config = item
