@@ -332,6 +332,31 @@ def test_subprocess_mode_hands_out_devices(tmp_path: Path, monkeypatch: pytest.M
     assert len(read_rows(tmp_path / "results.csv")) == 3
 
 
+def test_report_never_overwrites_the_record_a_concurrent_arm_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arms run two at a time: one arm's report may read another arm that has just written
+    metrics.json but not yet its record; the record the runner writes must win."""
+    from vlm_lit.ablation import results as results_module
+
+    grid = Grid.from_dict({"axes": {"connector": ["mlp"]}})
+    arm = grid.arms()[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "global_step": 3}))
+    record = run / results_module.ARM_RECORD
+
+    def slow_stats(run_dir: Path) -> dict[str, int]:
+        # while the report counts parameters, the arm's runner finishes and writes its record
+        record.write_text(json.dumps({"wall_seconds": 12.5, "trainable_params": 7}))
+        return {"trainable_params": 7}
+
+    monkeypatch.setattr(results_module, "model_stats", slow_stats)
+    row = results_module.arm_row(arm, run, ["connector"])
+    assert row["wall_seconds"] == 12.5
+    assert json.loads(record.read_text())["wall_seconds"] == 12.5
+
+
 def test_concurrent_cpu_arms_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner_module.os, "cpu_count", lambda: 8)
     env = runner_module.subprocess_env(None, processes=2, environ={"PATH": "/bin"})

@@ -95,7 +95,11 @@ def arm_row(arm: Arm, run_dir: Path, axis_names: Sequence[str]) -> dict[str, Any
         record = json.loads(record_path.read_text())
     else:  # finished, but interrupted before the record: recount from the saved model
         record = {"wall_seconds": None, **model_stats(run_dir)}
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        try:  # never over a record the arm's own runner wrote meanwhile (concurrent arms)
+            with record_path.open("x") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+        except FileExistsError:
+            record = json.loads(record_path.read_text())
     step = int(metrics.get("global_step", 0))
     row.update(status="done", global_step=step, supervised_tokens_seen=None)
     row.update({k: record.get(k) for k in FIXED_COLUMNS if k in record})

@@ -185,7 +185,9 @@ def _run_arm(
     wall = round(time.perf_counter() - start, 2)
     record = {"arm": arm.name, "seed": arm.seed, "labels": arm.labels, "wall_seconds": wall}
     record.update(model_stats(run_dir))
-    (run_dir / ARM_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    partial = run_dir / (ARM_RECORD + ".partial")  # atomic: other arms' reports read it
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, run_dir / ARM_RECORD)
     return ArmOutcome(arm, run_dir, "done", wall_seconds=wall)
 
 
