@@ -25,8 +25,16 @@ def run_family(family: str, out: Path, extra: list[str]) -> dict[str, float]:
     run_dir = out / family
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "vlm_lit.fit", "--connector", family,
-         "--trainer.default_root_dir", str(run_dir), *extra],
+        [
+            sys.executable,
+            "-m",
+            "vlm_lit.fit",
+            "--connector",
+            family,
+            "--trainer.default_root_dir",
+            str(run_dir),
+            *extra,
+        ],
         check=True,
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -35,15 +43,27 @@ def run_family(family: str, out: Path, extra: list[str]) -> dict[str, float]:
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    head = ["family", "acc", *(f"acc {t}" for t in TASKS), "blank-image acc", "majority",
-            "POPE F1", "yes-ratio", "wall time"]
+    head = [
+        "family",
+        "acc",
+        *(f"acc {t}" for t in TASKS),
+        "blank-image acc",
+        "majority",
+        "POPE F1",
+        "yes-ratio",
+        "wall time",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family, m in results.items():
         cells = [family, f"{m['val/acc']:.3f}"]
         cells += [f"{m[f'val/acc_{t}']:.2f}" if f"val/acc_{t}" in m else "-" for t in TASKS]
-        cells += [f"{m['val/acc_blank_image']:.3f}", f"{m['val/acc_majority']:.3f}",
-                  f"{m['val/pope_f1']:.3f}", f"{m['val/pope_yes_ratio']:.2f}",
-                  f"{m['wall_seconds'] / 60:.1f} min"]
+        cells += [
+            f"{m['val/acc_blank_image']:.3f}",
+            f"{m['val/acc_majority']:.3f}",
+            f"{m['val/pope_f1']:.3f}",
+            f"{m['val/pope_yes_ratio']:.2f}",
+            f"{m['wall_seconds'] / 60:.1f} min",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -61,6 +61,28 @@ def test_collate_without_images_gives_empty_pixel_tensor() -> None:
     assert batch["image_sample_index"].dtype == torch.long
 
 
+def test_uint8_pixels_are_normalised_once_per_batch() -> None:
+    uint8 = [_example(3, 2, "a"), _example(4, 0, "b"), _example(5, 1, "c")]
+    for ex in uint8:
+        ex["pixel_values"] = torch.randint(0, 256, (ex["pixel_values"].shape[0], 3, 8, 8)).byte()
+    seen = []
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape)
+        return x.float() / 255 - 0.5
+
+    batch = collate_examples(uint8, pad_token_id=PAD, image_size=8, normalize=normalize)
+    assert seen == [(3, 3, 8, 8)]  # one call for the whole batch
+    expected = torch.cat([ex["pixel_values"] for ex in uint8]).float() / 255 - 0.5
+    assert batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values"], expected)
+    with pytest.raises(ValueError, match="normalize"):
+        collate_examples(uint8, pad_token_id=PAD, image_size=8)
+    mixed = [uint8[0], _example(3, 1, "f")]
+    with pytest.raises(ValueError, match="different dtypes"):
+        collate_examples(mixed, pad_token_id=PAD, image_size=8, normalize=normalize)
+
+
 def test_supervised_count_ignores_the_first_position() -> None:
     # A label at position 0 has no preceding token to predict it after the shift.
     labels = torch.tensor([[5, -100, 7], [-100, -100, -100]])

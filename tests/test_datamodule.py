@@ -13,7 +13,7 @@ from PIL import Image
 
 from tokenizers_fixtures import make_tokenizer
 from vlm_lit.data.datamodule import VLMDataModule
-from vlm_lit.data.shards import write_shards
+from vlm_lit.data.shards import read_samples, write_shards
 from vlm_lit.data.tokenize import IMAGE_TOKEN
 
 SIZE = 16
@@ -265,3 +265,44 @@ def test_resume_from_mid_epoch_checkpoint_sees_only_unseen_samples(tmp_path: Pat
     fit(rest, ckpt=tmp_path / "mid.ckpt")
     assert len(first.train_keys) == 6
     assert first.train_keys + rest.train_keys == full.train_keys  # no repeat, nothing lost
+
+
+def test_batch_pixels_are_exactly_the_per_image_transform(tmp_path: Path) -> None:
+    """The DataModule normalises uint8 pixels per batch: the floats must be exactly those of
+    transforming each image alone, in padded, packed and validation batches."""
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(12):
+        sample = chat(i, n_images=1 + i % 2)
+        noise = torch.randint(0, 256, (len(sample["images"]), 6 + i, 9, 3), generator=gen)
+        sample["images"] = [Image.fromarray(a.byte().numpy(), "RGB") for a in noise]
+        samples.append(sample)
+    write_shards(samples, tmp_path / "t", max_samples_per_shard=6)
+    write_shards(samples, tmp_path / "v", max_samples_per_shard=6)
+    decoded = {s["key"]: s["images"] for s in read_samples(str(tmp_path / "t"))}
+    for packing in (False, True):
+        dm = connected(
+            train=str(tmp_path / "t"),
+            val=str(tmp_path / "v"),
+            batch_size=4,
+            packing=packing,
+            max_length=128,
+        )
+        dm.setup("fit")
+        expected = {k: torch.stack([dm.transform(im) for im in ims]) for k, ims in decoded.items()}
+        for loader, full in ((dm.train_dataloader(), False), (dm.val_dataloader(), True)):
+            checked = set()
+            for batch in loader:
+                pixels = batch["pixel_values"]
+                assert pixels.dtype == torch.float32
+                rows = batch.get("sample_row", torch.arange(len(batch["keys"])))
+                owners = batch["image_sample_index"].tolist()
+                offset = 0
+                for sample, key in enumerate(batch["keys"]):
+                    n = len(expected[key])
+                    assert owners[offset : offset + n] == [int(rows[sample])] * n
+                    assert torch.equal(pixels[offset : offset + n], expected[key])
+                    offset += n
+                    checked.add(key)
+            # validation reads every sample once; training batches need not cover them all
+            assert checked == set(expected) if full else len(checked) >= 8

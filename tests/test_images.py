@@ -91,3 +91,20 @@ def test_invalid_arguments_fail_with_names() -> None:
         ImageTransform(64, MEAN, STD, max_pixels=100)
     with pytest.raises(ValueError, match="std"):
         ImageTransform(16, MEAN, (0.0, 1.0, 1.0))
+
+
+def test_batch_normalisation_gives_exactly_the_per_image_floats() -> None:
+    transform = ImageTransform(12, MEAN, STD, mode="pad")
+    images = [Image.new("RGB", (9 + i, 12), (40 * i, 200 - 30 * i, 7 * i)) for i in range(4)]
+    images[1].putpixel((3, 3), (255, 0, 128))
+    raw = torch.stack([transform.to_uint8(im) for im in images])
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 12, 12)
+    batched = transform.normalize(raw)
+    assert batched.dtype == torch.float32
+    assert torch.equal(batched, torch.stack([transform(im) for im in images]))  # bitwise
+
+
+def test_normalize_refuses_pixels_that_are_not_uint8() -> None:
+    transform = ImageTransform(8, MEAN, STD)
+    with pytest.raises(TypeError, match="uint8"):
+        transform.normalize(transform(Image.new("RGB", (8, 8))))

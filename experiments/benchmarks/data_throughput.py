@@ -1,22 +1,27 @@
 """Benchmark: VLMDataModule vs a LLaVA-style map-style loader (samples/s and peak memory).
 
 Both read the same shapes-world samples (the same PNG bytes: written into the tar shards and
-as files), tokenize with the same preparer and tokenizer, transform images with the same
-``ImageTransform`` object and collate with the same function, in batches of the same size;
-only the data access differs: tar shards streamed by ``VLMDataModule`` vs LLaVA's
-whole-JSON-list-in-memory ``Dataset`` that opens one PNG file per image with PIL.
-``--check`` (always on with ``--quick``) first verifies that both produce equal batches up to
-order: the same samples with identical ``input_ids``, ``labels``, ``pixel_values``, ``meta``
-and ``messages``, the same batch count and layout.
+as files), tokenize with the same tokenizer and preparer code, transform images with the
+same ``ImageTransform`` object and collate with the same function, in batches of the same
+size. What differs is what each design does: tar shards streamed by ``VLMDataModule``, whose
+examples carry uint8 pixels that the collate function normalises once per batch, vs LLaVA's
+whole-JSON-list-in-memory ``Dataset`` that opens one PNG file per image with PIL and
+normalises each image in ``__getitem__``. ``--check`` (always on with ``--quick``) first
+verifies that both produce equal batches up to order: the same samples with identical
+``input_ids``, ``labels``, ``pixel_values`` (bit for bit), ``meta`` and ``messages``, the same
+batch count and layout.
 
-Every configuration runs in its own subprocess so peak memory (PSS of the process plus its
-DataLoader workers, sampled every 50 ms while the loader is built and iterated) is not
-polluted by the previous one. ``loader_pss_mb`` is that peak minus the same process's PSS
-just before the loader is built (imports and tokenizer, identical on both sides): the memory
-the loader itself adds. ``cpu_seconds`` is the epoch's CPU time, workers included. Rounds
-(``--rounds``, default 4) alternate the order (A B, B A, ...) and the ratios are the median of
-per-round ratios. ``--quick`` (a smoke run for tests) runs in-process instead, so its memory
-figures are not comparable.
+Every configuration runs in its own subprocess, so nothing is warm from a previous one and
+peak memory is not polluted by it. Speed and memory are measured in separate runs: the
+memory probe (PSS of the process plus its DataLoader workers from /proc, read every 50 ms
+in a thread) costs CPU and takes the kernel's memory-map lock, and it slowed the two loaders
+by different amounts (README, "Data loading throughput"), so timed runs do not sample. ``samples_per_s`` and ``cpu_seconds`` (the epoch's CPU
+time, workers included) come from ``--rounds`` speed runs (default 8); ``peak_pss_mb`` and
+``loader_pss_mb`` (that peak minus the same process's PSS just before the loader is built,
+i.e. the memory the loader itself adds) from ``--memory-rounds`` memory runs (default 2).
+Rounds alternate the order (A B, B A, ...) and a ratio is the median of per-round ratios.
+``--quick`` (a smoke run for tests) runs in-process instead, so its memory figures are not
+comparable.
 
     python experiments/benchmarks/data_throughput.py [--quick] [--check] [--out results.json]
 """
@@ -199,15 +204,20 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_one(kind: str, workers: int, root: Path, batch_size: int, max_length: int) -> dict:
-    """Build one loader and iterate one epoch; return samples, seconds and peak PSS."""
+def run_one(
+    kind: str, workers: int, root: Path, batch_size: int, max_length: int, measure: str
+) -> dict:
+    """Build one loader and iterate one epoch. ``measure="speed"``: samples, seconds and CPU
+    time, nothing else running in the process; ``"memory"``: peak PSS with the probe on."""
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
     shared = _tokenizer_and_transform()
-    baseline = _pss(os.getpid())
+    baseline = _pss(os.getpid()) if measure == "memory" else 0
     samples = 0
-    with PeakMemory() as memory:
+    with PeakMemory() if measure == "memory" else contextlib.nullcontext() as memory:
         start = time.perf_counter()
         loader = build_loader(kind, workers, root, batch_size, max_length, shared)
         setup = time.perf_counter() - start
@@ -215,14 +225,17 @@ def run_one(kind: str, workers: int, root: Path, batch_size: int, max_length: in
         for batch in loader:
             samples += len(batch["keys"])
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    row = {"loader": kind, "num_workers": workers, "measure": measure, "samples": samples}
+    if measure == "speed":
+        return {
+            **row,
+            "setup_seconds": round(setup, 3),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1),
+            "cpu_seconds": round(cpu, 3),
+        }
     return {
-        "loader": kind,
-        "num_workers": workers,
-        "samples": samples,
-        "setup_seconds": round(setup, 3),
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(samples / seconds, 1),
-        "cpu_seconds": round(cpu, 3),
+        **row,
         "peak_pss_mb": round(memory.peak / 2**20, 1),
         "loader_pss_mb": round((memory.peak - baseline) / 2**20, 1),
     }
@@ -271,13 +284,25 @@ def check_equal_batches(root: Path, batch_size: int, max_length: int) -> dict[st
 
 
 def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
-    """Median over rounds of datamodule / llava_map for ``field`` (pairs of the same round);
-    None when a llava_map value is not positive (in-process ``--quick`` memory deltas)."""
-    pair = {(r["round"], r["loader"]): r[field] for r in rows if r["num_workers"] == workers}
+    """Median over rounds of datamodule / llava_map for ``field`` (pairs of the same round
+    and measure); None when a llava_map value is not positive (in-process ``--quick`` memory
+    deltas)."""
+    pair = {
+        (r["round"], r["loader"]): r[field]
+        for r in rows
+        if r["num_workers"] == workers and field in r
+    }
     rounds = sorted({r for r, _ in pair})
     if any(pair[r, "llava_map"] <= 0 for r in rounds):
         return None
     return round(statistics.median(pair[r, "datamodule"] / pair[r, "llava_map"] for r in rounds), 3)
+
+
+def _spread(rows: list[dict], workers: int, field: str) -> tuple[float, float]:
+    """Smallest and largest per-round ratio of ``field``: the noise the median sits in."""
+    pair = {(r["round"], r["loader"]): r[field] for r in rows if r["num_workers"] == workers}
+    ratios = [pair[r, "datamodule"] / pair[r, "llava_map"] for r, k in pair if k == "llava_map"]
+    return round(min(ratios), 3), round(max(ratios), 3)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument(
-        "--rounds", type=int, default=4, help="runs per configuration, order alternated"
+        "--rounds", type=int, default=8, help="speed runs per configuration, order alternated"
+    )
+    parser.add_argument(
+        "--memory-rounds", type=int, default=2, help="memory runs per configuration (probe on)"
     )
     parser.add_argument(
         "--check", action="store_true", help="first verify both loaders give equal batches"
@@ -295,18 +323,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny run (64 samples) for tests")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/data_throughput.json"))
     parser.add_argument(
-        "--one", nargs=3, metavar=("KIND", "WORKERS", "DIR"), help=argparse.SUPPRESS
+        "--one", nargs=4, metavar=("KIND", "WORKERS", "DIR", "MEASURE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.one:
-        kind, workers, root = args.one
-        result = run_one(kind, int(workers), Path(root), args.batch_size, args.max_length)
+        kind, workers, root, measure = args.one
+        result = run_one(kind, int(workers), Path(root), args.batch_size, args.max_length, measure)
         print(json.dumps(result))
         return result
     if args.quick:
-        args.num_samples, args.batch_size, args.rounds, args.check = 64, 8, 1, True
+        args.num_samples, args.batch_size, args.check = 64, 8, True
+        args.rounds, args.memory_rounds = 1, 1
     rows = []
     result: dict[str, Any] = {"num_samples": args.num_samples, "batch_size": args.batch_size}
+    plan = [("speed", r) for r in range(args.rounds)]
+    plan += [("memory", r) for r in range(args.memory_rounds)]
     with tempfile.TemporaryDirectory() as tmp:
         prepare(Path(tmp), args.num_samples)
         if args.check:
@@ -314,13 +345,15 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(tmp), args.batch_size, args.max_length
             )
             print(f"equal batches: {result['equal_batches']}")
-        for round_ in range(args.rounds):
+        for measure, round_ in plan:
             for workers in args.workers:
                 for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
                     if args.quick:  # imports cost more than the run; skip the subprocesses
-                        row = run_one(kind, workers, Path(tmp), args.batch_size, args.max_length)
+                        row = run_one(
+                            kind, workers, Path(tmp), args.batch_size, args.max_length, measure
+                        )
                     else:
-                        cmd = [sys.executable, __file__, "--one", kind, str(workers), tmp]
+                        cmd = [sys.executable, __file__, "--one", kind, str(workers), tmp, measure]
                         cmd += ["--batch-size", str(args.batch_size)]
                         cmd += ["--max-length", str(args.max_length)]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -332,17 +365,35 @@ def main(argv: list[str] | None = None) -> dict:
         str(w): {name: _median_ratio(rows, w, field) for name, field in fields.items()}
         for w in args.workers
     }
-    columns = ("round", "num_workers", "loader", "samples", "setup_seconds", *fields.values())
-    print(" ".join(f"{c:>13}" for c in columns))
-    for r in rows:
-        print(" ".join(f"{r[c]!s:>13}" for c in columns))
+    spreads = {
+        str(w): _spread([r for r in rows if r["measure"] == "speed"], w, "samples_per_s")
+        for w in args.workers
+    }
+    for measure, columns in (
+        ("speed", ("samples", "setup_seconds", "seconds", "samples_per_s", "cpu_seconds")),
+        ("memory", ("samples", "peak_pss_mb", "loader_pss_mb")),
+    ):
+        header = ("round", "num_workers", "loader", *columns)
+        print(f"{measure} runs:")
+        print(" ".join(f"{c:>13}" for c in header))
+        for r in rows:
+            if r["measure"] == measure:
+                print(" ".join(f"{r[c]!s:>13}" for c in header))
     for w, ratio in ratios.items():
+        low, high = spreads[w]
         print(
-            f"workers={w}: datamodule/llava_map (median of {args.rounds} rounds) speed "
-            f"x{ratio['samples_per_s']} (CPU time x{ratio['cpu_seconds']}), peak memory "
-            f"x{ratio['peak_pss']}, loader memory x{ratio['loader_pss']}"
+            f"workers={w}: datamodule/llava_map speed x{ratio['samples_per_s']} (median of "
+            f"{args.rounds} rounds, range x{low}-x{high}; CPU time x{ratio['cpu_seconds']}), "
+            f"peak memory x{ratio['peak_pss']}, loader memory x{ratio['loader_pss']} (median "
+            f"of {args.memory_rounds})"
         )
-    result.update(rounds=args.rounds, rows=rows, ratios_datamodule_over_llava=ratios)
+    result.update(
+        rounds=args.rounds,
+        memory_rounds=args.memory_rounds,
+        rows=rows,
+        ratios_datamodule_over_llava=ratios,
+        speed_ratio_range=spreads,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

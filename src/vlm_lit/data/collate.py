@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,11 +22,46 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def collate_examples(examples: list[Example], *, pad_token_id: int, image_size: int) -> Batch:
+def batch_pixels(
+    pixels: list[torch.Tensor],
+    image_size: int,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Concatenate per-example ``pixel_values`` into the batch's float (N, 3, H, W).
+
+    uint8 examples (``ExamplePreparer(normalize_in_collate=True)``) are normalised here, the
+    whole batch at once, with ``normalize`` (the transform's); float examples are already
+    normalised. Mixing the two would silently skip normalisation, so it raises.
+    """
+    if not pixels:
+        return torch.zeros(0, 3, image_size, image_size)  # (0, 3, H, W)
+    dtypes = {p.dtype for p in pixels}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"examples carry pixel_values of different dtypes: {sorted(map(str, dtypes))}"
+        )
+    stacked = torch.cat(pixels)  # (N, 3, H, W)
+    if stacked.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError(
+                "uint8 pixel_values need normalize= (ExamplePreparer.collate_args() passes it)"
+            )
+        return normalize(stacked)
+    return stacked.float()
+
+
+def collate_examples(
+    examples: list[Example],
+    *,
+    pad_token_id: int,
+    image_size: int,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Batch:
     """Collate examples into the Batch contract (see ``/work/briefs/contracts.md``).
 
     Sequences are right-padded to the longest one with ``pad_token_id`` (labels with -100,
-    attention 0); the images of all samples are stacked in order of appearance.
+    attention 0); the images of all samples are stacked in order of appearance (uint8 ones
+    normalised with ``normalize``, see ``batch_pixels``).
     """
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
@@ -46,10 +81,7 @@ def collate_examples(examples: list[Example], *, pad_token_id: int, image_size: 
         if images is not None and images.shape[0]:
             pixels.append(images)
             owners.extend([row] * images.shape[0])
-    if pixels:
-        pixel_values = torch.cat(pixels).float()  # (N, 3, H, W)
-    else:
-        pixel_values = torch.zeros(0, 3, image_size, image_size)  # (0, 3, H, W)
+    pixel_values = batch_pixels(pixels, image_size, normalize)  # (N, 3, H, W)
     count = torch.tensor(supervised_tokens(labels), dtype=torch.long)
     return {
         "input_ids": input_ids,
@@ -67,11 +99,17 @@ def collate_examples(examples: list[Example], *, pad_token_id: int, image_size: 
     }
 
 
-def padding_batch(*, pad_token_id: int, image_size: int) -> Batch:
+def padding_batch(
+    *,
+    pad_token_id: int,
+    image_size: int,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Batch:
     """A one-token, image-free batch with no supervised token, flagged ``is_padding``.
 
     Ranks with fewer validation samples run these so every rank executes the same number of
     steps (collectives stay matched); metrics must skip batches with ``is_padding`` True.
+    ``normalize`` is accepted (and unused: no image) so ``collate_args()`` fits every collate.
     """
     example = {
         "input_ids": torch.tensor([pad_token_id], dtype=torch.long),

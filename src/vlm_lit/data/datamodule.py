@@ -216,6 +216,7 @@ class VLMDataModule(L.LightningDataModule):
             self.transform,
             max_length=self.max_length,
             drop_unsupervised=drop_unsupervised,
+            normalize_in_collate=True,
         )
 
     # ----- Lightning hooks ----------------------------------------------------------------

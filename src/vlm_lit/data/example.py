@@ -18,6 +18,13 @@ class ExamplePreparer:
     ``drop_unsupervised`` (training) drops samples without a supervised token, e.g. an
     evaluation prompt that slipped into a training source: they would cost compute and add
     nothing to the loss. Validation keeps them (they can still be generation prompts).
+
+    ``normalize_in_collate`` (what the DataModule uses) keeps each example's
+    ``pixel_values`` as uint8 (squared, not normalised) and hands ``transform.normalize`` to
+    the collate functions through ``collate_args()``, which normalise the whole batch at
+    once: the same floats, fewer tensor operations, and a quarter of the memory while
+    examples wait in a length-grouping or packing buffer. Off, every example carries float32
+    pixels (LLaVA's per-item pattern).
     """
 
     def __init__(
@@ -27,6 +34,7 @@ class ExamplePreparer:
         *,
         max_length: int | None = None,
         drop_unsupervised: bool = True,
+        normalize_in_collate: bool = False,
     ) -> None:
         pad = tokenizer.pad_token_id
         pad = pad if pad is not None else tokenizer.eos_token_id
@@ -37,11 +45,18 @@ class ExamplePreparer:
             )
         self.tokenizer, self.transform = tokenizer, transform
         self.max_length, self.drop_unsupervised = max_length, drop_unsupervised
+        self.normalize_in_collate = normalize_in_collate
         self.pad_token_id = int(pad)
 
-    def collate_args(self) -> dict[str, int]:
-        """Keyword arguments for ``collate_examples`` / ``padding_batch``."""
-        return {"pad_token_id": self.pad_token_id, "image_size": self.transform.image_size}
+    def collate_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``collate_examples`` / ``collate_packed`` / ``padding_batch``."""
+        args: dict[str, Any] = {
+            "pad_token_id": self.pad_token_id,
+            "image_size": self.transform.image_size,
+        }
+        if self.normalize_in_collate:
+            args["normalize"] = self.transform.normalize
+        return args
 
     def __call__(self, sample: dict[str, Any], source: str) -> Example:
         """Raise ``DroppedSample`` when the sample cannot be used (reason in ``.reason``)."""
@@ -66,15 +81,17 @@ class ExamplePreparer:
         # tokenize always masks position 0, so num_supervised is the post-shift count
         if self.drop_unsupervised and int(tokens["num_supervised"]) == 0:
             raise DroppedSample("no_supervised_tokens")  # type: ignore[arg-type]
+        convert = self.transform.to_uint8 if self.normalize_in_collate else self.transform
         if kept:
-            pixel_values = torch.stack([self.transform(im) for im in images[:kept]])
+            pixel_values = torch.stack([convert(im) for im in images[:kept]])
         else:
             size = self.transform.image_size
-            pixel_values = torch.zeros(0, 3, size, size)  # (0, 3, H, W)
+            dtype = torch.uint8 if self.normalize_in_collate else torch.float32
+            pixel_values = torch.zeros(0, 3, size, size, dtype=dtype)  # (0, 3, H, W)
         return {
             "input_ids": tokens["input_ids"],
             "labels": tokens["labels"],
-            "pixel_values": pixel_values,  # (n, 3, H, W)
+            "pixel_values": pixel_values,  # (n, 3, H, W), uint8 if normalize_in_collate
             "key": str(sample.get("key", "")),
             "source": source,
             "meta": sample.get("meta") or {},

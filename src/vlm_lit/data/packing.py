@@ -16,11 +16,11 @@ and the loss (a global supervised-token mean) is unchanged.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from vlm_lit.data.collate import IGNORE_INDEX, Batch, Example, supervised_tokens
+from vlm_lit.data.collate import IGNORE_INDEX, Batch, Example, batch_pixels, supervised_tokens
 
 
 def _length(example: Example) -> int:
@@ -87,8 +87,15 @@ def pack_examples(
         yield from flush(final=True)
 
 
-def collate_packed(rows: list[list[Example]], *, pad_token_id: int, image_size: int) -> Batch:
-    """Collate packed rows into the Batch contract plus ``segment_ids`` / ``position_ids``."""
+def collate_packed(
+    rows: list[list[Example]],
+    *,
+    pad_token_id: int,
+    image_size: int,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Batch:
+    """Collate packed rows into the Batch contract plus ``segment_ids`` / ``position_ids``
+    (uint8 pixels normalised with ``normalize``, see ``collate.batch_pixels``)."""
     if not rows or not all(rows):
         raise ValueError("cannot collate an empty packed batch or an empty row")
     longest = max(sum(_length(ex) for ex in row) for row in rows)
@@ -118,10 +125,7 @@ def collate_packed(rows: list[list[Example]], *, pad_token_id: int, image_size: 
                 owners.extend([r] * images.shape[0])
             samples.append(ex)
             sample_row.append(r)
-    if pixels:
-        pixel_values = torch.cat(pixels).float()  # (N, 3, H, W)
-    else:
-        pixel_values = torch.zeros(0, 3, image_size, image_size)  # (0, 3, H, W)
+    pixel_values = batch_pixels(pixels, image_size, normalize)  # (N, 3, H, W)
     count = torch.tensor(supervised_tokens(labels), dtype=torch.long)
     return {
         "input_ids": input_ids,
