@@ -11,15 +11,28 @@ verifies that both produce equal batches up to order: the same samples with iden
 ``input_ids``, ``labels``, ``pixel_values`` (bit for bit), ``meta`` and ``messages``, the same
 batch count and layout.
 
-Every configuration runs in its own subprocess, so nothing is warm from a previous one and
-peak memory is not polluted by it. Speed and memory are measured in separate runs: the
-memory probe (PSS of the process plus its DataLoader workers from /proc, read every 50 ms
-in a thread) costs CPU and takes the kernel's memory-map lock, and it slowed the two loaders
-by different amounts (README, "Data loading throughput"), so timed runs do not sample. ``samples_per_s`` and ``cpu_seconds`` (the epoch's CPU
-time, workers included) come from ``--rounds`` speed runs (default 8); ``peak_pss_mb`` and
-``loader_pss_mb`` (that peak minus the same process's PSS just before the loader is built,
-i.e. the memory the loader itself adds) from ``--memory-rounds`` memory runs (default 2).
-Rounds alternate the order (A B, B A, ...) and a ratio is the median of per-round ratios.
+Speed and memory are measured in separate runs: the memory probe (PSS of the process plus
+its DataLoader workers from /proc, read every 50 ms in a thread) costs CPU and takes the
+kernel's memory-map lock, and it slowed the two loaders by different amounts (README, "Data
+loading throughput"), so timed runs do not sample.
+
+- Speed at 0 workers: both loaders in one process, one batch from each in turn, each
+  ``next()`` timed on its own (``run_interleaved``). On a shared machine the speed drifts
+  by tens of percent from run to run; alternating batch by batch puts both loaders through
+  the same drift, so the per-round ratio is steady where separate runs scatter by +-30%.
+  Each round builds both loaders afresh; ``samples_per_s`` counts the first batch (the
+  shuffle buffer filling) but not building the loader (``setup_seconds``, timed apart).
+- Speed with workers: workers of two loaders would compete for the cores, so each loader
+  runs alone in its own subprocess; ``cpu_seconds`` is the epoch's CPU time, workers
+  included. Rounds alternate the order (A B, B A, ...).
+- Memory: each configuration in its own subprocess, so nothing is warm from a previous one;
+  ``peak_pss_mb`` and ``loader_pss_mb`` (that peak minus the same process's PSS just before
+  the loader is built, i.e. the memory the loader itself adds).
+
+``--rounds`` (default 8) speed rounds and ``--memory-rounds`` (default 2) memory rounds; a
+ratio is the median of per-round ratios, printed with their range. ``--num-samples 20000``
+shows how memory grows with the dataset (the LLaVA-style list is held in full, the
+DataModule's buffer is bounded).
 ``--quick`` (a smoke run for tests) runs in-process instead, so its memory figures are not
 comparable.
 
@@ -241,6 +254,52 @@ def run_one(
     }
 
 
+def run_interleaved(root: Path, batch_size: int, max_length: int, rounds: int) -> list[dict]:
+    """Both loaders at 0 workers in one process, one batch from each in turn, each
+    ``next()`` timed on its own: the machine's speed drifts (other tenants, clocks) by tens
+    of percent between runs, and alternating batch by batch makes both loaders live through
+    the same drift. Each round builds both loaders afresh (setup timed apart) and alternates
+    which one goes first; returns one speed row per loader and round."""
+    import torch
+
+    torch.manual_seed(0)
+    shared = _tokenizer_and_transform()
+    rows = []
+    for round_ in range(rounds):
+        order = list(KINDS) if round_ % 2 == 0 else list(KINDS)[::-1]
+        setup, iterators = {}, {}
+        for kind in order:
+            start = time.perf_counter()
+            iterators[kind] = iter(build_loader(kind, 0, root, batch_size, max_length, shared))
+            setup[kind] = time.perf_counter() - start
+        spent, samples, live = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0), set(KINDS)
+        while live:
+            for kind in order:
+                if kind not in live:
+                    continue
+                start = time.perf_counter()
+                batch = next(iterators[kind], None)
+                spent[kind] += time.perf_counter() - start
+                if batch is None:
+                    live.discard(kind)
+                else:
+                    samples[kind] += len(batch["keys"])
+        for kind in KINDS:
+            rows.append(
+                {
+                    "round": round_,
+                    "loader": kind,
+                    "num_workers": 0,
+                    "measure": "speed",
+                    "samples": samples[kind],
+                    "setup_seconds": round(setup[kind], 3),
+                    "seconds": round(spent[kind], 3),
+                    "samples_per_s": round(samples[kind] / spent[kind], 1),
+                }
+            )
+    return rows
+
+
 def _by_sample(loader: Any) -> tuple[dict[str, Any], list[tuple]]:
     """Per-key sample contents and the sorted batch layouts of one epoch."""
     samples: dict[str, Any] = {}
@@ -293,7 +352,7 @@ def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
         if r["num_workers"] == workers and field in r
     }
     rounds = sorted({r for r, _ in pair})
-    if any(pair[r, "llava_map"] <= 0 for r in rounds):
+    if not rounds or any(pair[r, "llava_map"] <= 0 for r in rounds):
         return None
     return round(statistics.median(pair[r, "datamodule"] / pair[r, "llava_map"] for r in rounds), 3)
 
@@ -325,12 +384,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--one", nargs=4, metavar=("KIND", "WORKERS", "DIR", "MEASURE"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--interleaved", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         kind, workers, root, measure = args.one
         result = run_one(kind, int(workers), Path(root), args.batch_size, args.max_length, measure)
         print(json.dumps(result))
         return result
+    if args.interleaved:
+        rows = run_interleaved(
+            Path(args.interleaved), args.batch_size, args.max_length, args.rounds
+        )
+        print(json.dumps(rows))
+        return {"rows": rows}
     if args.quick:
         args.num_samples, args.batch_size, args.check = 64, 8, True
         args.rounds, args.memory_rounds = 1, 1
@@ -345,8 +411,19 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(tmp), args.batch_size, args.max_length
             )
             print(f"equal batches: {result['equal_batches']}")
+        if 0 in args.workers and args.rounds:  # speed at 0 workers: batch by batch
+            if args.quick:
+                rows += run_interleaved(Path(tmp), args.batch_size, args.max_length, args.rounds)
+            else:
+                cmd = [sys.executable, __file__, "--interleaved", tmp]
+                cmd += ["--rounds", str(args.rounds), "--batch-size", str(args.batch_size)]
+                cmd += ["--max-length", str(args.max_length)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                rows += json.loads(out.stdout.strip().splitlines()[-1])
         for measure, round_ in plan:
             for workers in args.workers:
+                if measure == "speed" and workers == 0:
+                    continue  # measured interleaved above
                 for kind in KINDS if round_ % 2 == 0 else KINDS[::-1]:
                     if args.quick:  # imports cost more than the run; skip the subprocesses
                         row = run_one(
@@ -378,12 +455,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(" ".join(f"{c:>13}" for c in header))
         for r in rows:
             if r["measure"] == measure:
-                print(" ".join(f"{r[c]!s:>13}" for c in header))
+                print(" ".join(f"{r.get(c, '-')!s:>13}" for c in header))
     for w, ratio in ratios.items():
         low, high = spreads[w]
         print(
             f"workers={w}: datamodule/llava_map speed x{ratio['samples_per_s']} (median of "
-            f"{args.rounds} rounds, range x{low}-x{high}; CPU time x{ratio['cpu_seconds']}), "
+            f"{args.rounds} {'batch-interleaved ' if w == '0' else ''}rounds, range "
+            f"x{low}-x{high}; CPU time x{ratio['cpu_seconds']}), "
             f"peak memory x{ratio['peak_pss']}, loader memory x{ratio['loader_pss']} (median "
             f"of {args.memory_rounds})"
         )
