@@ -342,10 +342,10 @@ def check_equal_batches(root: Path, batch_size: int, max_length: int) -> dict[st
     return {"samples": len(dm), "batches": len(dm_layout)}
 
 
-def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
-    """Median over rounds of datamodule / llava_map for ``field`` (pairs of the same round
-    and measure); None when a llava_map value is not positive (in-process ``--quick`` memory
-    deltas)."""
+def _round_ratios(rows: list[dict], workers: int, field: str) -> list[float] | None:
+    """Per-round datamodule / llava_map of ``field`` (pairs of the same round and measure);
+    None when there is none or a llava_map value is not positive (in-process ``--quick``
+    memory deltas)."""
     pair = {
         (r["round"], r["loader"]): r[field]
         for r in rows
@@ -354,14 +354,19 @@ def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
     rounds = sorted({r for r, _ in pair})
     if not rounds or any(pair[r, "llava_map"] <= 0 for r in rounds):
         return None
-    return round(statistics.median(pair[r, "datamodule"] / pair[r, "llava_map"] for r in rounds), 3)
+    return [pair[r, "datamodule"] / pair[r, "llava_map"] for r in rounds]
 
 
-def _spread(rows: list[dict], workers: int, field: str) -> tuple[float, float]:
+def _median_ratio(rows: list[dict], workers: int, field: str) -> float | None:
+    """Median over rounds of datamodule / llava_map for ``field``."""
+    ratios = _round_ratios(rows, workers, field)
+    return None if ratios is None else round(statistics.median(ratios), 3)
+
+
+def _spread(rows: list[dict], workers: int, field: str) -> tuple[float, float] | None:
     """Smallest and largest per-round ratio of ``field``: the noise the median sits in."""
-    pair = {(r["round"], r["loader"]): r[field] for r in rows if r["num_workers"] == workers}
-    ratios = [pair[r, "datamodule"] / pair[r, "llava_map"] for r, k in pair if k == "llava_map"]
-    return round(min(ratios), 3), round(max(ratios), 3)
+    ratios = _round_ratios(rows, workers, field)
+    return None if ratios is None else (round(min(ratios), 3), round(max(ratios), 3))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -442,10 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
         str(w): {name: _median_ratio(rows, w, field) for name, field in fields.items()}
         for w in args.workers
     }
-    spreads = {
-        str(w): _spread([r for r in rows if r["measure"] == "speed"], w, "samples_per_s")
-        for w in args.workers
-    }
+    spreads = {str(w): _spread(rows, w, "samples_per_s") for w in args.workers}
     for measure, columns in (
         ("speed", ("samples", "setup_seconds", "seconds", "samples_per_s", "cpu_seconds")),
         ("memory", ("samples", "peak_pss_mb", "loader_pss_mb")),
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
             if r["measure"] == measure:
                 print(" ".join(f"{r.get(c, '-')!s:>13}" for c in header))
     for w, ratio in ratios.items():
-        low, high = spreads[w]
+        low, high = spreads[w] or (None, None)
         print(
             f"workers={w}: datamodule/llava_map speed x{ratio['samples_per_s']} (median of "
             f"{args.rounds} {'batch-interleaved ' if w == '0' else ''}rounds, range "
